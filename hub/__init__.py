@@ -1,0 +1,1 @@
+"""mqtt-presence hub: presence engine, service API, stores and the MQTT side."""

@@ -1,0 +1,1047 @@
+"""The presence engine: every status rule of mqtt-presence, in one sans-I/O module.
+
+Inputs are small immutable events (:class:`Birth`, :class:`DeviceOffline`, :class:`Heartbeat`,
+:class:`ActivityEvent`, :class:`SetStatus`, ...) and the hub's clock ``now`` in integer
+milliseconds. Outputs are effects (:class:`PublishState`, :class:`EmitEvent`,
+:class:`RecordActivity`, :class:`DeviceTimedOut`) plus a set of users whose records must be
+persisted (:meth:`Engine.take_dirty`). The engine never touches a socket, a file, a task or
+the real clock, so tests drive it with a fake clock and run in microseconds.
+
+If you want to know "when does a user become away?", every answer is in this file:
+
+Device status (``_device_status``)
+    A real (MQTT) device is *connected* from its current session's birth until a will or clean
+    offline of that session, or until it has sent nothing for ``heartbeat_timeout_ms``
+    (reason ``timeout``; its next heartbeat of the same session revives it). A virtual device
+    (activity or status set through the API) has no connection. A device that is connected
+    (or virtual and has interacted) is ``online`` while idle < ``away_after_ms``, ``away``
+    while idle < ``offline_after_ms``, else ``offline``. Idle is measured from the device's
+    last interaction: the latest of its birth, its last activity and ``now - idleMs`` of a
+    heartbeat that carries ``idleMs``. All times are the hub's receive times.
+
+Sessions (Sparkplug's bdSeq idea)
+    A birth makes its session the device's current one. A will/offline whose session is not the
+    current one is stale and ignored, so a late will of an old connection never takes down a
+    device that has already reconnected. A heartbeat of another session is ignored while the
+    device is connected; when it is not, the heartbeat counts as the (lost) birth of that session.
+
+User status (``_user_status``)
+    ``offline`` when no device is online or away; else a manual status (dnd, away, or offline =
+    invisible) wins; else ``online`` if any device is online, otherwise ``away``. Setting
+    ``online`` clears the manual status.
+
+Primary device (``_choose_primary``)
+    The present device with the most recent interaction. Activity moves it at once; idle times
+    reported by heartbeats move it only when another device is ahead by more than
+    ``primary_hysteresis_ms`` (one heartbeat interval by default) so two devices in use at once do
+    not make it flap. When no device is present the last primary stays named.
+
+Version
+    Moves when the published state changes (name, status, custom status, primary, and each
+    device's id/name/status) and never otherwise: ``lastSeen`` alone is not a change.
+
+Timers
+    Each device has at most one live entry in one heap, at its next deadline (heartbeat timeout,
+    away, or offline). Heartbeats only push deadlines later, so they touch no heap: the stale
+    entry is found when it comes due and is pushed again at the right time (lazy rescheduling).
+    Work per heartbeat is O(1); per deadline O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeAlias
+
+from hub.models import (
+    Activity,
+    DeviceInfo,
+    DeviceRecord,
+    OnlineUser,
+    SyncStatus,
+    UserRecord,
+    UserStatus,
+)
+from hub.protocol import (
+    AckPayload,
+    ActivityPayload,
+    ConnPayload,
+    DeviceEntry,
+    DeviceMessage,
+    DeviceStatus,
+    HeartbeatPayload,
+    SetPayload,
+    Status,
+    UserStatePayload,
+)
+
+log = logging.getLogger(__name__)
+
+ONLINE: Final = "online"
+AWAY: Final = "away"
+DND: Final = "dnd"
+OFFLINE: Final = "offline"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Timers and limits. Defaults: heartbeat 30 s, away after 5 min, offline after 1 h."""
+
+    heartbeat_interval_ms: int = 30_000
+    away_after_ms: int = 300_000
+    offline_after_ms: int = 3_600_000
+    #: Silence after which a connected device is offline (default 2.5 x heartbeat interval).
+    heartbeat_timeout_ms: int | None = None
+    #: How far ahead of the hub's clock an activity timestamp may be before it is clamped.
+    max_clock_skew_ms: int = 60_000
+    #: How far ahead another device's interaction must be to take over as primary
+    #: (default: one heartbeat interval).
+    primary_hysteresis_ms: int | None = None
+    #: A user's devices beyond this many are refused (counted as ``too_many_devices``).
+    max_devices_per_user: int = 64
+    #: Longest custom status accepted.
+    max_custom_status: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval_ms", "away_after_ms", "offline_after_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.offline_after_ms < self.away_after_ms:
+            raise ValueError("offline_after_ms must be >= away_after_ms")
+        if self.heartbeat_timeout_ms is not None and self.heartbeat_timeout_ms <= 0:
+            raise ValueError("heartbeat_timeout_ms must be > 0")
+
+    @property
+    def timeout_ms(self) -> int:
+        if self.heartbeat_timeout_ms is not None:
+            return self.heartbeat_timeout_ms
+        return self.heartbeat_interval_ms * 5 // 2
+
+    @property
+    def hysteresis_ms(self) -> int:
+        if self.primary_hysteresis_ms is not None:
+            return self.primary_hysteresis_ms
+        return self.heartbeat_interval_ms
+
+
+# --------------------------------------------------------------------------------------------
+# Events (inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class Birth:
+    """A device's session began (``conn`` online)."""
+
+    user: str
+    device: str
+    session: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOffline:
+    """A session ended: ``reason`` is ``lost`` (last will) or ``disconnect`` (clean stop)."""
+
+    user: str
+    device: str
+    session: str
+    reason: str = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    user: str
+    device: str
+    session: str
+    idle_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityEvent:
+    """Something the user did. ``device=None`` (API activity) means the virtual device named
+    after the channel."""
+
+    user: str
+    type: str
+    device: str | None = None
+    channel_id: str | None = None
+    timestamp: int | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetStatus:
+    user: str
+    status: Status
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetCustomStatus:
+    user: str
+    text: str | None
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetDeviceStatus:
+    """The API sets a device's status; such a device has no connection (idle timers only)."""
+
+    user: str
+    device: str
+    status: DeviceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    user: str
+    device: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveDevice:
+    user: str
+    device: str
+
+
+Event: TypeAlias = (
+    Birth
+    | DeviceOffline
+    | Heartbeat
+    | ActivityEvent
+    | SetStatus
+    | SetCustomStatus
+    | SetDeviceStatus
+    | Ack
+    | SyncRequest
+    | RemoveDevice
+)
+
+
+def events_from_message(msg: DeviceMessage) -> list[Event]:
+    """All events of one message (a ``set`` may hold a status and a custom status)."""
+    body = msg.body
+    if isinstance(body, SetPayload):
+        out: list[Event] = []
+        if body.status is not None:
+            out.append(SetStatus(msg.user, body.status, msg.device))
+        if body.has_custom_status():
+            out.append(SetCustomStatus(msg.user, body.custom_status, msg.device))
+        return out
+    if isinstance(body, HeartbeatPayload):
+        return [Heartbeat(msg.user, msg.device, body.session, body.idle_ms)]
+    if isinstance(body, ConnPayload):
+        if body.state == "online":
+            return [Birth(msg.user, msg.device, body.session, body.name)]
+        return [DeviceOffline(msg.user, msg.device, body.session, body.reason or "lost")]
+    if isinstance(body, ActivityPayload):
+        return [
+            ActivityEvent(msg.user, body.type, msg.device, body.channel_id, body.timestamp,
+                          body.data)
+        ]
+    if isinstance(body, AckPayload):
+        return [Ack(msg.user, msg.device, body.version)]
+    return []  # ``req`` is served by the command handler, not the engine
+
+
+# --------------------------------------------------------------------------------------------
+# Effects (outputs)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishState:
+    """Publish the user's retained topics. ``forced`` marks a sync: publish even if unchanged."""
+
+    user_id: str
+    state: UserStatePayload
+    forced: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EmitEvent:
+    """A user-level event: ``statusChange``, ``online`` (came from offline) or ``offline``."""
+
+    user_id: str
+    event: Literal["statusChange", "online", "offline"]
+    old: Status
+    new: Status
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordActivity:
+    user_id: str
+    activity: Activity
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTimedOut:
+    """A connected device went silent past the heartbeat timeout; the broker adapter may close
+    its session so its will and resources are released."""
+
+    user_id: str
+    device_id: str
+    session: str | None
+
+
+Effect: TypeAlias = PublishState | EmitEvent | RecordActivity | DeviceTimedOut
+
+_NO_EFFECTS: Final[tuple[Effect, ...]] = ()
+
+
+class EngineError(ValueError):
+    """An API call the engine refuses (unknown status, too many devices, ...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+class _Device:
+    __slots__ = (
+        "acked_version",
+        "connected",
+        "due",
+        "ended",
+        "id",
+        "last_interaction",
+        "last_seen",
+        "name",
+        "removed",
+        "saved_li",
+        "session",
+        "status",
+        "user",
+        "virtual",
+    )
+
+    def __init__(self, user: _User, device_id: str, name: str, virtual: bool) -> None:
+        self.user = user
+        self.id = device_id
+        self.name = name
+        self.virtual = virtual
+        self.session: str | None = None
+        self.connected = False
+        #: the current session ended by a will or clean offline: its late messages are stale
+        self.ended = False
+        self.status: DeviceStatus = OFFLINE
+        self.last_seen: int | None = None
+        self.last_interaction: int | None = None
+        self.acked_version = 0
+        #: deadline of this device's live heap entry, or None when it has none
+        self.due: int | None = None
+        self.removed = False
+        #: last_interaction as last handed to the store (see Engine.heartbeat)
+        self.saved_li: int | None = None
+
+
+class _User:
+    __slots__ = (
+        "active_device",
+        "channels",
+        "custom_status",
+        "devices",
+        "id",
+        "last_sync",
+        "manual_status",
+        "name",
+        "published_key",
+        "status",
+        "version",
+    )
+
+    def __init__(self, user_id: str, name: str | None = None) -> None:
+        self.id = user_id
+        self.name = name or user_id
+        self.devices: dict[str, _Device] = {}
+        self.manual_status: Status | None = None
+        self.custom_status: str | None = None
+        self.status: Status = OFFLINE
+        self.active_device: str | None = None
+        self.version = 0
+        self.last_sync: int | None = None
+        #: channel id -> hub time of the last activity on it (for "who is on this channel")
+        self.channels: dict[str, int] = {}
+        self.published_key: tuple[Any, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """Owns all users and devices; feed it events with ``handle(event, now)`` and ``tick(now)``."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._users: dict[str, _User] = {}
+        self._heap: list[tuple[int, int, _Device]] = []
+        self._seq = 0
+        self._out: list[Effect] = []
+        self._dirty: set[str] = set()
+        self._present: set[str] = set()  # users whose status is not offline
+        #: why events were ignored or refused, e.g. ``stale_session``; the hub exports these
+        self.counters: Counter[str] = Counter()
+        c = self.config
+        self._timeout = c.timeout_ms
+        self._away = c.away_after_ms
+        self._offline = c.offline_after_ms
+        self._hysteresis = c.hysteresis_ms
+        self._checkpoint = max(1, c.away_after_ms // 4)
+
+    # ---------------------------------------------------------------- input
+
+    def handle(self, event: Event, now: int) -> Sequence[Effect]:
+        """Apply one event at hub time ``now`` and return the effects it caused."""
+        if type(event) is Heartbeat:
+            return self.heartbeat(event, now)
+        handler = _HANDLERS.get(type(event))
+        if handler is None:  # pragma: no cover - the Event union is closed
+            raise TypeError(f"not an engine event: {event!r}")
+        handler(self, event, now)
+        return self._drain()
+
+    def heartbeat(self, ev: Heartbeat, now: int) -> Sequence[Effect]:
+        """The hot path: O(1), no allocation unless something visible changes."""
+        user = self._users.get(ev.user)
+        d = user.devices.get(ev.device) if user is not None else None
+        if d is None or not d.connected or d.session != ev.session:
+            self._heartbeat_slow(ev, now)
+            return self._drain()
+        d.last_seen = now
+        if ev.idle_ms is not None:
+            li = now - ev.idle_ms
+            if d.last_interaction is None or li > d.last_interaction:
+                d.last_interaction = li
+                if d.saved_li is None or li - d.saved_li >= self._checkpoint:
+                    # checkpoint the idle clock now and then (not per heartbeat) so a restart
+                    # does not see an active device as idle since its last status change
+                    self._dirty.add(d.user.id)
+                if self._device_status(d, now) != d.status:
+                    self._refresh_device(d, now)
+                    self._refresh_user(d.user, now)
+                    return self._drain()
+                u = d.user
+                if u.active_device != d.id and self._primary_may_move(u, d):
+                    self._refresh_user(u, now)
+                    return self._drain()
+        return _NO_EFFECTS
+
+    def tick(self, now: int) -> Sequence[Effect]:
+        """Fire every deadline that is due at ``now``."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, d = heapq.heappop(heap)
+            if d.removed or d.due != when:
+                continue  # superseded entry
+            d.due = None
+            if (
+                not d.virtual
+                and d.connected
+                and d.last_seen is not None
+                and now - d.last_seen >= self._timeout
+            ):
+                d.connected = False
+                self.counters["device_timeout"] += 1
+                log.info("device %s/%s timed out (no message for %d ms)",
+                         d.user.id, d.id, now - d.last_seen)
+                self._out.append(DeviceTimedOut(d.user.id, d.id, d.session))
+                self._dirty.add(d.user.id)
+            if self._refresh_device(d, now):
+                self._refresh_user(d.user, now)
+            else:
+                self._schedule(d, now)
+        return self._drain()
+
+    def next_deadline(self) -> int | None:
+        """When :meth:`tick` next has work (may be early: superseded entries pop as no-ops)."""
+        return self._heap[0][0] if self._heap else None
+
+    # ---------------------------------------------------------------- handlers
+
+    def _birth(self, ev: Birth, now: int) -> None:
+        d = self._device_for(ev.user, ev.device, now, virtual=False)
+        if d is None:
+            return
+        if d.session == ev.session and (d.connected or d.ended):
+            # a retained birth redelivered (hub reconnect), or a birth after its own will:
+            # liveness at most, never a new interaction
+            if d.connected:
+                d.last_seen = now
+            else:
+                self.counters["stale_session"] += 1
+            return
+        self._connect(d, ev.session, now, ev.name)
+
+    def _connect(self, d: _Device, session: str, now: int, name: str | None) -> None:
+        d.virtual = False
+        d.session = session
+        d.connected = True
+        d.ended = False
+        d.last_seen = now
+        if d.last_interaction is None or now > d.last_interaction:
+            d.last_interaction = now
+        if name:
+            d.name = name[:128]
+        self._dirty.add(d.user.id)
+        self._refresh_device(d, now)
+        self._refresh_user(d.user, now)
+
+    def _device_offline(self, ev: DeviceOffline, now: int) -> None:
+        user = self._users.get(ev.user)
+        d = user.devices.get(ev.device) if user else None
+        if d is None or d.session != ev.session or d.ended:
+            self.counters["stale_session"] += 1
+            log.debug("ignored offline of %s/%s: session %s is not current",
+                      ev.user, ev.device, ev.session)
+            return
+        d.connected = False
+        d.ended = True
+        d.last_seen = now
+        self._dirty.add(d.user.id)
+        self._refresh_device(d, now)
+        self._refresh_user(d.user, now)
+
+    def _heartbeat_slow(self, ev: Heartbeat, now: int) -> None:
+        user = self._users.get(ev.user)
+        d = user.devices.get(ev.device) if user else None
+        if d is not None and d.session == ev.session:
+            if d.ended:
+                self.counters["stale_session"] += 1
+                return
+            # connected is False here: timed out (or hub restart); the same session returns
+            d.connected = True
+            d.last_seen = now
+            if ev.idle_ms is not None:
+                li = now - ev.idle_ms
+                if d.last_interaction is None or li > d.last_interaction:
+                    d.last_interaction = li
+            self.counters["device_revived"] += 1
+            self._dirty.add(d.user.id)
+            self._refresh_device(d, now)
+            self._refresh_user(d.user, now)
+            return
+        if d is not None and d.connected:
+            self.counters["stale_session"] += 1
+            return
+        # unknown device, or a disconnected one with a session we never saw born: the birth
+        # was lost (or came before the hub did). The heartbeat proves the session is alive.
+        self.counters["implicit_birth"] += 1
+        d = self._device_for(ev.user, ev.device, now, virtual=False)
+        if d is None:
+            return
+        self._connect(d, ev.session, now, None)
+
+    def _activity(self, ev: ActivityEvent, now: int) -> None:
+        device_id = ev.device
+        virtual = device_id is None
+        if device_id is None:
+            device_id = ev.channel_id or "api"
+        d = self._device_for(ev.user, device_id, now, virtual=virtual)
+        if d is None:
+            return
+        u = d.user
+        ts = ev.timestamp if ev.timestamp is not None else now
+        if ts > now + self.config.max_clock_skew_ms:
+            self.counters["clock_skew_clamped"] += 1
+            ts = now
+        self._out.append(
+            RecordActivity(
+                u.id,
+                Activity(
+                    type=ev.type,
+                    channel_id=ev.channel_id,
+                    timestamp=ts,
+                    device_id=d.id,
+                    received_at=now,
+                    data=ev.data,
+                ),
+            )
+        )
+        if ev.channel_id is not None:
+            u.channels[ev.channel_id] = now
+            if len(u.channels) > 256:
+                self._prune_channels(u, now)
+        d.last_interaction = now
+        if d.connected or d.virtual:
+            d.last_seen = now
+        self._dirty.add(u.id)
+        self._refresh_device(d, now)
+        if d.status != OFFLINE:
+            u.active_device = d.id  # explicit activity moves the primary at once
+        self._refresh_user(u, now)
+
+    def _set_status(self, ev: SetStatus, now: int) -> None:
+        if ev.status not in (ONLINE, AWAY, DND, OFFLINE):
+            raise EngineError(f"unknown status {ev.status!r}: use online, away, dnd or offline")
+        u = self._user_for(ev.user)
+        u.manual_status = None if ev.status == ONLINE else ev.status
+        self._dirty.add(u.id)
+        d = u.devices.get(ev.device) if ev.device else None
+        if d is not None and (d.connected or d.virtual):
+            self._interact(d, now)
+        elif ev.device is None and ev.status != OFFLINE and u.id not in self._present:
+            # through the API with no device present: the user is evidently here, so the
+            # API's virtual device carries them (idle timers then apply as usual)
+            api = self._device_for(u.id, "api", now, virtual=True)
+            if api is not None:
+                self._interact(api, now)
+        self._refresh_user(u, now)
+
+    def _interact(self, d: _Device, now: int) -> None:
+        if d.last_interaction is None or now > d.last_interaction:
+            d.last_interaction = now
+        d.last_seen = now
+        self._refresh_device(d, now)
+
+    def _set_custom_status(self, ev: SetCustomStatus, now: int) -> None:
+        text = ev.text
+        if text is not None:
+            text = text.strip()
+            if len(text) > self.config.max_custom_status:
+                raise EngineError(
+                    f"custom status is {len(text)} characters; the limit is "
+                    f"{self.config.max_custom_status}"
+                )
+            if not text:
+                text = None
+        u = self._user_for(ev.user)
+        u.custom_status = text
+        self._dirty.add(u.id)
+        self._refresh_user(u, now)
+
+    def _set_device_status(self, ev: SetDeviceStatus, now: int) -> None:
+        if ev.status not in (ONLINE, AWAY, OFFLINE):
+            raise EngineError(f"unknown device status {ev.status!r}: use online, away or offline")
+        d = self._device_for(ev.user, ev.device, now, virtual=True)
+        if d is None:
+            raise EngineError(
+                f"user {ev.user!r} already has {self.config.max_devices_per_user} devices"
+            )
+        if not d.virtual:
+            # a real device set through the API loses its connection claim: it stands as
+            # the API says until its next heartbeat or birth
+            d.connected = False
+        d.virtual = True
+        if ev.status == ONLINE:
+            d.last_interaction = now
+        elif ev.status == AWAY:
+            d.last_interaction = now - self._away
+        else:
+            d.last_interaction = now - self._offline
+        d.last_seen = now
+        self._dirty.add(d.user.id)
+        self._refresh_device(d, now)
+        if ev.status == ONLINE:
+            d.user.active_device = d.id
+        self._refresh_user(d.user, now)
+
+    def _ack(self, ev: Ack, now: int) -> None:
+        user = self._users.get(ev.user)
+        d = user.devices.get(ev.device) if user else None
+        if user is None or d is None:
+            self.counters["ack_unknown_device"] += 1
+            return
+        if ev.version > user.version:
+            self.counters["ack_future_version"] += 1
+            return
+        if ev.version > d.acked_version:
+            d.acked_version = ev.version
+            self._dirty.add(user.id)
+
+    def _sync(self, ev: SyncRequest, now: int) -> None:
+        u = self._user_for(ev.user)
+        u.last_sync = now
+        self._dirty.add(u.id)
+        self._refresh_user(u, now, force=True)
+
+    def _remove_device(self, ev: RemoveDevice, now: int) -> None:
+        user = self._users.get(ev.user)
+        d = user.devices.pop(ev.device, None) if user else None
+        if user is None or d is None:
+            raise EngineError(f"user {ev.user!r} has no device {ev.device!r}")
+        d.removed = True
+        if user.active_device == d.id:
+            user.active_device = None
+        self._dirty.add(user.id)
+        self._refresh_user(user, now)
+
+    # ---------------------------------------------------------------- rules
+
+    def _device_status(self, d: _Device, now: int) -> DeviceStatus:
+        if not (d.connected or d.virtual) or d.last_interaction is None:
+            return OFFLINE
+        idle = now - d.last_interaction
+        if idle >= self._offline:
+            return OFFLINE
+        if idle >= self._away:
+            return AWAY
+        return ONLINE
+
+    def _next_deadline(self, d: _Device) -> int | None:
+        best: int | None = None
+        if d.connected and not d.virtual and d.last_seen is not None:
+            best = d.last_seen + self._timeout
+        if d.last_interaction is not None and (d.connected or d.virtual):
+            if d.status == ONLINE:
+                idle_due = d.last_interaction + self._away
+            elif d.status == AWAY:
+                idle_due = d.last_interaction + self._offline
+            else:
+                return best
+            if best is None or idle_due < best:
+                best = idle_due
+        return best
+
+    def _schedule(self, d: _Device, now: int) -> None:
+        when = self._next_deadline(d)
+        if when is None:
+            return
+        if d.due is None or when < d.due:
+            when = max(when, now)
+            d.due = when
+            self._seq += 1
+            heapq.heappush(self._heap, (when, self._seq, d))
+
+    def _refresh_device(self, d: _Device, now: int) -> bool:
+        """Recompute the device's status; return True when it changed."""
+        new = self._device_status(d, now)
+        changed = new != d.status
+        if changed:
+            d.status = new
+            self._dirty.add(d.user.id)
+        self._schedule(d, now)
+        return changed
+
+    def _primary_may_move(self, u: _User, d: _Device) -> bool:
+        cur = u.devices.get(u.active_device) if u.active_device else None
+        if cur is None or cur.status == OFFLINE:
+            return d.status != OFFLINE
+        return (
+            d.last_interaction is not None
+            and cur.last_interaction is not None
+            and d.last_interaction > cur.last_interaction + self._hysteresis
+        )
+
+    def _choose_primary(self, u: _User) -> str | None:
+        cur = u.devices.get(u.active_device) if u.active_device else None
+        best: _Device | None = None
+        for d in u.devices.values():
+            if d.status == OFFLINE or d.last_interaction is None:
+                continue
+            if best is None or d.last_interaction > (best.last_interaction or 0):
+                best = d
+        if best is None:
+            return cur.id if cur is not None else None  # none present: the last one stays
+        if cur is None or cur.status == OFFLINE or cur is best:
+            return best.id
+        assert best.last_interaction is not None and cur.last_interaction is not None
+        if best.last_interaction > cur.last_interaction + self._hysteresis:
+            return best.id
+        return cur.id
+
+    @staticmethod
+    def _user_status(u: _User) -> Status:
+        any_online = False
+        any_present = False
+        for d in u.devices.values():
+            if d.status == ONLINE:
+                any_online = True
+                break
+            if d.status == AWAY:
+                any_present = True
+        if not (any_online or any_present):
+            return OFFLINE
+        if u.manual_status is not None:
+            return u.manual_status
+        return ONLINE if any_online else AWAY
+
+    def _refresh_user(self, u: _User, now: int, force: bool = False) -> None:
+        old = u.status
+        new = self._user_status(u)
+        u.active_device = self._choose_primary(u)
+        if new != old:
+            u.status = new
+            if new == OFFLINE:
+                self._present.discard(u.id)
+            else:
+                self._present.add(u.id)
+        key = (
+            u.name,
+            new,
+            u.custom_status,
+            u.active_device,
+            tuple((d.id, d.name, d.status) for d in u.devices.values()),
+        )
+        if key != u.published_key:
+            u.published_key = key
+            u.version += 1
+            self._dirty.add(u.id)
+            self._out.append(PublishState(u.id, self._snapshot(u)))
+        elif force:
+            self._out.append(PublishState(u.id, self._snapshot(u), forced=True))
+        if new != old:
+            self._out.append(EmitEvent(u.id, "statusChange", old, new, now))
+            if old == OFFLINE:
+                self._out.append(EmitEvent(u.id, "online", old, new, now))
+            elif new == OFFLINE:
+                self._out.append(EmitEvent(u.id, "offline", old, new, now))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _user_for(self, user_id: str) -> _User:
+        u = self._users.get(user_id)
+        if u is None:
+            u = self._users[user_id] = _User(user_id)
+        return u
+
+    def _device_for(self, user_id: str, device_id: str, now: int, virtual: bool) -> _Device | None:
+        u = self._user_for(user_id)
+        d = u.devices.get(device_id)
+        if d is None:
+            if len(u.devices) >= self.config.max_devices_per_user:
+                self.counters["too_many_devices"] += 1
+                log.warning("refused device %s of user %s: it already has %d devices",
+                            device_id, user_id, len(u.devices))
+                return None
+            d = u.devices[device_id] = _Device(u, device_id, device_id, virtual)
+            self._dirty.add(user_id)
+        return d
+
+    def _prune_channels(self, u: _User, now: int) -> None:
+        cutoff = now - self._offline
+        for ch in [c for c, t in u.channels.items() if t < cutoff]:
+            del u.channels[ch]
+
+    def _drain(self) -> Sequence[Effect]:
+        if not self._out:
+            return _NO_EFFECTS
+        out = self._out
+        self._out = []
+        return out
+
+    def _snapshot(self, u: _User) -> UserStatePayload:
+        last_seen = max((d.last_seen for d in u.devices.values() if d.last_seen is not None),
+                        default=None)
+        return UserStatePayload(
+            user_id=u.id,
+            name=u.name,
+            status=u.status,
+            custom_status=u.custom_status,
+            last_seen=last_seen,
+            active_device=u.active_device,
+            version=u.version,
+            devices=[
+                DeviceEntry(
+                    id=d.id,
+                    name=d.name,
+                    status=d.status,
+                    last_seen=d.last_seen,
+                    is_active=d.id == u.active_device,
+                )
+                for d in u.devices.values()
+            ],
+        )
+
+    # ---------------------------------------------------------------- queries
+
+    def has_user(self, user_id: str) -> bool:
+        return user_id in self._users
+
+    def user_ids(self) -> list[str]:
+        return list(self._users)
+
+    def device_count(self) -> int:
+        return sum(len(u.devices) for u in self._users.values())
+
+    def snapshot(self, user_id: str) -> UserStatePayload | None:
+        """The user's state as published on ``P/users/{user}/state`` (None for unknown users)."""
+        u = self._users.get(user_id)
+        return self._snapshot(u) if u is not None else None
+
+    def get_status(self, user_id: str) -> UserStatus:
+        u = self._users.get(user_id)
+        if u is None:
+            return UserStatus(user_id=user_id, name=user_id, status=OFFLINE)
+        last_seen = max((d.last_seen for d in u.devices.values() if d.last_seen is not None),
+                        default=None)
+        return UserStatus(
+            user_id=u.id,
+            name=u.name,
+            status=u.status,
+            custom_status=u.custom_status,
+            last_seen=last_seen,
+            active_device=u.active_device,
+            version=u.version,
+        )
+
+    def get_devices(self, user_id: str) -> list[DeviceInfo]:
+        u = self._users.get(user_id)
+        if u is None:
+            return []
+        return [
+            DeviceInfo(
+                id=d.id,
+                name=d.name,
+                status=d.status,
+                last_seen=d.last_seen,
+                is_active=d.id == u.active_device,
+                virtual=d.virtual,
+            )
+            for d in u.devices.values()
+        ]
+
+    def get_online_users(self, channel_id: str | None, now: int) -> list[OnlineUser]:
+        """Users whose status is not offline; with a channel, only those active on it within
+        ``offline_after_ms``. Sorted by user id for stable output."""
+        out = []
+        cutoff = now - self._offline
+        for uid in sorted(self._present):
+            u = self._users[uid]
+            if channel_id is not None:
+                seen = u.channels.get(channel_id)
+                if seen is None or seen < cutoff:
+                    continue
+            out.append(
+                OnlineUser(
+                    user_id=u.id,
+                    name=u.name,
+                    status=u.status,
+                    custom_status=u.custom_status,
+                    active_device=u.active_device,
+                )
+            )
+        return out
+
+    def get_sync_status(self, user_id: str) -> SyncStatus:
+        """Devices that can ack (not virtual) and how many acked the current version."""
+        u = self._users.get(user_id)
+        if u is None:
+            return SyncStatus(user_id=user_id, version=0, synced=0, total=0)
+        real = [d for d in u.devices.values() if not d.virtual]
+        synced = sum(1 for d in real if d.acked_version >= u.version)
+        return SyncStatus(
+            user_id=u.id, version=u.version, synced=synced, total=len(real), last_sync=u.last_sync
+        )
+
+    # ---------------------------------------------------------------- persistence
+
+    def take_dirty(self) -> list[UserRecord]:
+        """Records of every user changed since the last call (the store's next batch)."""
+        if not self._dirty:
+            return []
+        out = [self._record(self._users[uid]) for uid in self._dirty if uid in self._users]
+        self._dirty = set()
+        return out
+
+    def forget_user(self, user_id: str) -> None:
+        u = self._users.pop(user_id, None)
+        if u is not None:
+            for d in u.devices.values():
+                d.removed = True
+            self._present.discard(user_id)
+            self._dirty.discard(user_id)
+
+    @staticmethod
+    def _record(u: _User) -> UserRecord:
+        for d in u.devices.values():
+            d.saved_li = d.last_interaction
+        return UserRecord(
+            id=u.id,
+            name=u.name,
+            status=u.status,
+            manual_status=u.manual_status,
+            custom_status=u.custom_status,
+            active_device=u.active_device,
+            version=u.version,
+            last_sync=u.last_sync,
+            channels=dict(u.channels),
+            devices=[
+                DeviceRecord(
+                    id=d.id,
+                    name=d.name,
+                    virtual=d.virtual,
+                    session=d.session,
+                    connected=d.connected,
+                    ended=d.ended,
+                    status=d.status,
+                    last_seen=d.last_seen,
+                    last_interaction=d.last_interaction,
+                    acked_version=d.acked_version,
+                )
+                for d in u.devices.values()
+            ],
+        )
+
+    def load(self, records: Iterable[UserRecord], now: int) -> Sequence[Effect]:
+        """Rebuild state from a store at start-up.
+
+        Devices last known connected get one heartbeat timeout of grace (their ``last_seen``
+        becomes ``now``) instead of a false-offline storm. Every device and user is then
+        re-evaluated at ``now``: transitions that happened while the hub was down are real and
+        come out as effects; the caller republishes every user anyway.
+        """
+        for rec in records:
+            u = _User(rec.id, rec.name)
+            u.manual_status = rec.manual_status
+            u.custom_status = rec.custom_status
+            u.status = rec.status
+            u.active_device = rec.active_device
+            u.version = rec.version
+            u.last_sync = rec.last_sync
+            u.channels = dict(rec.channels)
+            for dr in rec.devices:
+                d = _Device(u, dr.id, dr.name, dr.virtual)
+                d.session = dr.session
+                d.connected = dr.connected and not dr.virtual
+                d.ended = dr.ended
+                d.status = dr.status
+                d.last_seen = now if d.connected else dr.last_seen
+                d.last_interaction = dr.last_interaction
+                d.acked_version = dr.acked_version
+                d.saved_li = dr.last_interaction
+                u.devices[d.id] = d
+            # the published key of the stored state, so an unchanged user keeps its version
+            u.published_key = (
+                u.name,
+                u.status,
+                u.custom_status,
+                u.active_device,
+                tuple((d.id, d.name, d.status) for d in u.devices.values()),
+            )
+            if u.status != OFFLINE:
+                self._present.add(u.id)
+            self._users[u.id] = u
+        for u in self._users.values():
+            for d in u.devices.values():
+                self._refresh_device(d, now)
+            self._refresh_user(u, now)
+        self._dirty.clear()
+        return self._drain()
+
+
+_HANDLERS: Final[dict[type, Any]] = {
+    Birth: Engine._birth,
+    DeviceOffline: Engine._device_offline,
+    Heartbeat: Engine._heartbeat_slow,
+    ActivityEvent: Engine._activity,
+    SetStatus: Engine._set_status,
+    SetCustomStatus: Engine._set_custom_status,
+    SetDeviceStatus: Engine._set_device_status,
+    Ack: Engine._ack,
+    SyncRequest: Engine._sync,
+    RemoveDevice: Engine._remove_device,
+}

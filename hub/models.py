@@ -1,0 +1,120 @@
+"""Data shapes of the Python API and of persistence.
+
+The API models mirror the original TypeScript presence API in Python's style (snake_case,
+pydantic). The record models are what a store keeps: plain, JSON-friendly, versioned by
+``schema``, so every store (memory, TinyDB, Redis) saves and loads exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hub.protocol import DeviceStatus, Status
+
+# --------------------------------------------------------------------------------------------
+# API models
+
+
+class _ApiModel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class UserStatus(_ApiModel):
+    """What ``get_status`` returns."""
+
+    user_id: str
+    name: str
+    status: Status
+    custom_status: str | None = None
+    last_seen: int | None = None
+    active_device: str | None = None
+    version: int = 0
+
+
+class DeviceInfo(_ApiModel):
+    """One device of a user, as ``get_devices`` returns it."""
+
+    id: str
+    name: str
+    status: DeviceStatus
+    last_seen: int | None = None
+    is_active: bool = False
+    virtual: bool = False
+
+
+class OnlineUser(_ApiModel):
+    """One entry of ``get_online_users``."""
+
+    user_id: str
+    name: str
+    status: Status
+    custom_status: str | None = None
+    active_device: str | None = None
+
+
+class SyncStatus(_ApiModel):
+    """``synced`` devices have acked the current ``version`` out of ``total`` that can ack."""
+
+    user_id: str
+    version: int
+    synced: int
+    total: int
+    last_sync: int | None = None
+
+
+class Activity(_ApiModel):
+    """One entry of a user's activity log.
+
+    ``timestamp`` is the device's label (clamped so a device clock far in the future cannot
+    pin an entry to the top); ``received_at`` is the hub's own clock.
+    """
+
+    type: str
+    channel_id: str | None = None
+    timestamp: int
+    device_id: str | None = None
+    received_at: int
+    data: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Records: what a store persists
+
+
+class DeviceRecord(BaseModel):
+    """Persisted device: enough to rebuild the engine's device after a restart."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    name: str
+    virtual: bool = False
+    session: str | None = None
+    connected: bool = False
+    #: the session ended by will or clean stop (its late messages are stale)
+    ended: bool = False
+    status: DeviceStatus = "offline"
+    last_seen: int | None = None
+    last_interaction: int | None = None
+    acked_version: int = 0
+
+
+class UserRecord(BaseModel):
+    """Persisted user with all its devices (a store may split devices out, e.g. Redis hashes)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    id: str
+    name: str
+    status: Status = "offline"
+    manual_status: Status | None = None
+    custom_status: str | None = None
+    active_device: str | None = None
+    version: int = 0
+    last_seen: int | None = None
+    last_sync: int | None = None
+    channels: dict[str, int] = Field(default_factory=dict)
+    devices: list[DeviceRecord] = Field(default_factory=list)
