@@ -1,0 +1,459 @@
+"""The hub on MQTT: device topics in, retained user topics and events out.
+
+Two ways onto the wire, one sink:
+
+* **Embedded** (``broker="embedded"``): an amqtt broker runs in this process and its plugin
+  hands every client message straight to the service on the loop thread; the hub publishes
+  straight into the broker. No client loop, no socket between hub and broker.
+* **External** (``broker="mqtt://..."`` or ``mqtts://``): a paho-mqtt client on a persistent
+  session (fixed client id, clean session off) subscribed at QoS 1, so activity published while
+  the hub is down is delivered when it returns. Paho's network thread appends messages to a
+  deque and wakes the loop once per batch (not once per message). QoS 1 messages are acked
+  manually, only after the flush that persisted them, so a SIGKILL of the hub loses nothing:
+  the broker redelivers what was not acked.
+
+Retained user topics are published only when their payload changed (a ``sync`` republishes
+all). ``P/hub/status`` is ``online`` while the hub runs, with ``offline`` as its will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from hub.broker import BrokerError, EmbeddedBroker
+from hub.engine import DeviceTimedOut, EmitEvent
+from hub.protocol import (
+    DeviceMessage,
+    DeviceTopic,
+    EventPayload,
+    ReplyPayload,
+    RequestPayload,
+    Topics,
+    UserStatePayload,
+    text_payload,
+)
+from hub.service import PresenceError, PresenceService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:1883"
+HUB_CLIENT_ID = "presence-hub"
+
+
+class Publisher(Protocol):
+    """Puts one message on the wire without blocking the loop; order is preserved."""
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerURL:
+    """An ``mqtt://user:pass@host:port`` or ``mqtts://`` URL, parsed once with clear errors."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise PresenceError(
+                f"invalid broker URL {redact(url)!r}: use mqtt://host:port or mqtts://host:port"
+            )
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise PresenceError(f"invalid port in broker URL {redact(url)!r}") from None
+        if not parts.hostname:
+            raise PresenceError(f"broker URL {redact(url)!r} has no host")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PresenceError(f"invalid listen address {listen!r}: use HOST:PORT, e.g. 127.0.0.1:1883")
+    return host.strip("[]"), int(port)
+
+
+def broker_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Does something accept TCP connections on ``host:port``? (for ``--broker auto``)"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class MqttHub:
+    """The MQTT side of the service: a sink for effects and a source of device messages."""
+
+    def __init__(self, service: PresenceService, publisher_factory: Callable[[MqttHub], Any]):
+        self.service = service
+        self.topics: Topics = service.topics
+        self._retained: dict[str, bytes] = {}
+        self._factory = publisher_factory
+        self._transport: Any = None
+        #: (user, device) -> MQTT client id that sent its birth (embedded broker only)
+        self.client_ids: dict[tuple[str, str], str] = {}
+
+    @property
+    def transport(self) -> Any:
+        return self._transport
+
+    async def start(self) -> None:
+        self._transport = self._factory(self)
+        self.service.add_sink(self)
+        self.service.set_request_handler(self._serve_request)
+        await self._transport.start()
+
+    async def stop(self) -> None:
+        if self._transport is None:
+            return
+        await self._transport.stop()
+        self.service.remove_sink(self)
+
+    # ------------------------------------------------------------------ sink
+
+    def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._transport.publish(topic, payload, qos, retain)
+
+    def _retain(self, topic: str, payload: bytes, forced: bool) -> None:
+        if not forced and self._retained.get(topic) == payload:
+            return
+        self._retained[topic] = payload
+        self._publish(topic, payload, 1, True)
+
+    def publish_state(self, state: UserStatePayload, forced: bool) -> None:
+        t = self.topics
+        uid = state.user_id
+        self._retain(t.user(uid, "state"), state.to_json(), forced)
+        self._retain(t.user(uid, "status"), text_payload(state.status), forced)
+        self._retain(t.user(uid, "custom"), text_payload(state.custom_status), forced)
+        self._retain(t.user(uid, "primary"), text_payload(state.active_device), forced)
+
+    def publish_event(self, event: EmitEvent) -> None:
+        payload = EventPayload(
+            event=event.event, user_id=event.user_id, old=event.old, new=event.new, ts=event.ts
+        )
+        self._publish(self.topics.events(event.user_id), payload.to_json(), 1, False)
+
+    def device_timed_out(self, effect: DeviceTimedOut) -> None:
+        hook = getattr(self._transport, "device_timed_out", None)
+        if hook is not None:
+            hook(effect, self.client_ids.get((effect.user_id, effect.device_id)))
+
+    def before_flush(self) -> None:
+        hook = getattr(self._transport, "before_flush", None)
+        if hook is not None:
+            hook()
+
+    def after_flush(self) -> None:
+        hook = getattr(self._transport, "after_flush", None)
+        if hook is not None:
+            hook()
+
+    def republish_all(self) -> None:
+        """Every user's retained topics, e.g. at start (an embedded broker forgets them)."""
+        for uid in self.service.engine.user_ids():
+            state = self.service.engine.snapshot(uid)
+            if state is not None:
+                self.publish_state(state, forced=True)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _serve_request(self, msg: DeviceMessage) -> None:
+        from hub.commands import run_command  # commands import the service; avoid a cycle
+
+        body = msg.body
+        assert isinstance(body, RequestPayload)
+        try:
+            result = await run_command(self.service, msg.user, body.command)
+            reply = ReplyPayload(id=body.id, ok=result.ok, text=result.text, data=result.data)
+        except Exception as exc:  # never leave a caller waiting on a crash
+            log.exception("command %r of %s failed", body.command, msg.user)
+            reply = ReplyPayload(id=body.id, ok=False, text=f"hub error: {exc}")
+        self._publish(self.topics.reply(msg.user, msg.device), reply.to_json(), 1, False)
+
+
+# ---------------------------------------------------------------------- embedded broker
+
+
+class EmbeddedTransport:
+    """Runs an :class:`EmbeddedBroker` and feeds the service from its plugin, in-loop."""
+
+    def __init__(self, hub: MqttHub, host: str, port: int, *, allow_anonymous: bool = True):
+        self.hub = hub
+        self.broker = EmbeddedBroker(
+            host, port, on_message=self._on_message, allow_anonymous=allow_anonymous
+        )
+        self._queue: deque[tuple[str, bytes, int, bool]] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._conn_suffix = "/conn"
+
+    async def start(self) -> None:
+        await self.broker.start()
+        self._writer = asyncio.create_task(self._write(), name="presence-embedded-publisher")
+        t = self.hub.topics
+        self.publish(t.hub_status, b"online", 1, True)
+        self.hub.republish_all()
+
+    async def stop(self) -> None:
+        self.publish(self.hub.topics.hub_status, b"offline", 1, True)
+        await self._drain_queue()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self.broker.stop()
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self._queue.append((topic, payload, qos, retain))
+        self._wake.set()
+
+    async def _drain_queue(self) -> None:
+        while self._queue:
+            topic, payload, qos, retain = self._queue.popleft()
+            try:
+                await self.broker.publish(topic, payload, qos, retain)
+            except Exception:
+                log.exception("publish to %s failed", topic)
+
+    async def _write(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._drain_queue()
+
+    def _on_message(
+        self, topic: str, payload: bytes, qos: int, retain: bool, client_id: str | None
+    ) -> None:
+        if client_id is not None and topic.endswith(self._conn_suffix):
+            where = self.hub.topics.parse_device_topic(topic)
+            if isinstance(where, DeviceTopic):
+                self.hub.client_ids[(where.user, where.device)] = client_id
+        self.hub.service.ingest(((topic, payload),))
+
+    def device_timed_out(self, effect: DeviceTimedOut, client_id: str | None) -> None:
+        # amqtt would keep a silent client's socket (and will) until TCP gives up: close it so
+        # the will is released; the engine ignores it (the device is already offline)
+        if client_id is not None:
+            task = asyncio.ensure_future(self.broker.disconnect_client(client_id))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+
+# ---------------------------------------------------------------------- external broker (paho)
+
+
+class PahoTransport:
+    """A paho-mqtt client on a persistent session, handing messages to the loop in batches."""
+
+    def __init__(
+        self,
+        hub: MqttHub,
+        url: BrokerURL,
+        *,
+        client_id: str = HUB_CLIENT_ID,
+        ca_file: str | None = None,
+        tls_insecure: bool = False,
+        keepalive: int = 30,
+    ) -> None:
+        self.hub = hub
+        self.url = url
+        self.loop = asyncio.get_running_loop()
+        self._inbox: deque[tuple[str, bytes, int, int]] = deque()
+        self._scheduled = False
+        self._unacked: list[tuple[int, int]] = []  # (mid, qos) ingested, not yet persisted
+        self._acking: list[tuple[int, int]] = []  # in the flush under way
+        self._first_connect = True
+        self.connected = asyncio.Event()
+        self.ingested = 0
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=paho.MQTTv311,
+            manual_ack=True,
+        )
+        if url.username is not None:
+            client.username_pw_set(url.username, url.password)
+        if url.tls:
+            client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            if tls_insecure:
+                client.tls_insecure_set(True)
+        client.will_set(hub.topics.hub_status, b"offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+        self.keepalive = keepalive
+
+    async def start(self) -> None:
+        log.info("connecting to MQTT broker %s as %s", self.url, self.client._client_id.decode())
+        self.client.connect_async(self.url.host, self.url.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout=10)
+        except TimeoutError:
+            log.warning("broker %s not reachable yet; the hub keeps retrying", self.url)
+
+    async def stop(self) -> None:
+        # persist and ack what we have before leaving, so nothing is redelivered needlessly
+        self._drain()
+        await self.hub.service.flush()
+        info = self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
+        if self.client.is_connected():
+            await asyncio.to_thread(info.wait_for_publish, 2.0)
+        self.client.disconnect()
+        await asyncio.to_thread(self.client.loop_stop)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    # paho thread ------------------------------------------------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
+                    props: Any = None) -> None:
+        if rc.is_failure:
+            log.error("broker %s refused the hub: %s", self.url, rc)
+            return
+        log.info("hub connected to %s (session present: %s)", self.url, flags.session_present)
+        client.subscribe(self.hub.topics.device_filter, qos=1)
+        client.publish(self.hub.topics.hub_status, b"online", qos=1, retain=True)
+        first, self._first_connect = self._first_connect, False
+        self.loop.call_soon_threadsafe(self._connected, first)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
+                       props: Any = None) -> None:
+        if rc.is_failure:
+            log.warning("hub lost the broker %s (%s); reconnecting", self.url, rc)
+        self.loop.call_soon_threadsafe(self.connected.clear)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._inbox.append((msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    # loop thread ------------------------------------------------------------------------------
+    def _connected(self, first: bool) -> None:
+        self.connected.set()
+        if first:
+            self.hub.republish_all()
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        inbox = self._inbox
+        batch: list[tuple[str, bytes]] = []
+        acks = self._unacked
+        while inbox:
+            topic, payload, mid, qos = inbox.popleft()
+            batch.append((topic, payload))
+            if qos:
+                acks.append((mid, qos))
+        if batch:
+            self.ingested += len(batch)
+            self.hub.service.ingest(batch)
+
+    def before_flush(self) -> None:
+        """What was ingested until now goes into the flush that starts now."""
+        self._acking.extend(self._unacked)
+        self._unacked = []
+
+    def after_flush(self) -> None:
+        """That flush is durable: ack its messages so the broker can forget them."""
+        acks, self._acking = self._acking, []
+        for mid, qos in acks:
+            self.client.ack(mid, qos)
+
+    def device_timed_out(self, effect: DeviceTimedOut, client_id: str | None) -> None:
+        return None  # the external broker enforces keepalive and sends the will itself
+
+
+def attach_mqtt(
+    service: PresenceService,
+    broker: str,
+    *,
+    listen: str = DEFAULT_LISTEN,
+    client_id: str = HUB_CLIENT_ID,
+    ca_file: str | None = None,
+    tls_insecure: bool = False,
+    allow_anonymous: bool = True,
+) -> MqttHub:
+    """Put ``service`` on MQTT: ``broker`` is ``embedded``, ``auto`` or an MQTT URL.
+
+    ``auto`` uses a broker that already answers on ``listen``, else starts the embedded one
+    there, and logs which.
+    """
+    host, port = parse_listen(listen)
+    if broker == "auto":
+        if broker_answers(host, port):
+            log.info("a broker answers on %s:%d: the hub connects to it", host, port)
+            broker = f"mqtt://{host}:{port}"
+        else:
+            log.info("no broker on %s:%d: starting the embedded broker there", host, port)
+            broker = "embedded"
+    if broker == "embedded":
+
+        def factory(hub: MqttHub) -> Any:
+            return EmbeddedTransport(hub, host, port, allow_anonymous=allow_anonymous)
+
+    else:
+        url = BrokerURL.parse(broker)
+
+        def factory(hub: MqttHub) -> Any:
+            return PahoTransport(hub, url, client_id=client_id, ca_file=ca_file,
+                                 tls_insecure=tls_insecure)
+
+    hub = MqttHub(service, factory)
+    service.attach(hub)
+    return hub
+
+
+__all__ = [
+    "BrokerError",
+    "BrokerURL",
+    "EmbeddedTransport",
+    "MqttHub",
+    "PahoTransport",
+    "attach_mqtt",
+    "broker_answers",
+    "parse_listen",
+    "redact",
+]

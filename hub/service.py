@@ -1,0 +1,561 @@
+"""The presence service: the seed's presence API in Python, around the sans-I/O engine.
+
+One asyncio task drives the engine's clock (it sleeps until the next deadline or flush), one
+store keeps what survives a restart (written in batches, never per heartbeat), and optional
+*sinks* put effects on the wire (the MQTT side of the hub registers one). With no broker the
+service works fully in-process, which is how chat bots embed it.
+
+Everything here runs on one event loop thread; transports hand messages over in batches
+(:meth:`PresenceService.ingest`), so the engine needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hub.clock import Clock, SystemClock
+from hub.engine import (
+    ActivityEvent,
+    DeviceTimedOut,
+    Effect,
+    EmitEvent,
+    Engine,
+    EngineConfig,
+    EngineError,
+    Event,
+    PublishState,
+    RecordActivity,
+    RemoveDevice,
+    SetCustomStatus,
+    SetDeviceStatus,
+    SetStatus,
+    SyncRequest,
+    events_from_message,
+)
+from hub.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserRecord, UserStatus
+from hub.protocol import (
+    ID_PATTERN,
+    MAX_PAYLOAD_BYTES,
+    DeviceMessage,
+    Rejection,
+    Topics,
+    UserStatePayload,
+    validate_id,
+)
+from hub.store import ActivityLimits, MemoryStore, Store
+
+log = logging.getLogger(__name__)
+
+EventName = Literal["statusChange", "online", "offline"]
+EVENT_NAMES: tuple[str, ...] = ("statusChange", "online", "offline")
+StorageKind = Literal["memory", "tinydb", "redis"]
+
+
+class PresenceError(ValueError):
+    """A call the service refuses: bad id, unknown status, too long a custom status, ..."""
+
+
+class ActivityIn(BaseModel):
+    """What ``record_activity`` accepts (a dict with these keys works too; camelCase as well)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    type: str = Field(min_length=1, max_length=64)
+    channel_id: str | None = Field(default=None, alias="channelId", pattern=ID_PATTERN)
+    timestamp: int | None = None
+    device_id: str | None = Field(default=None, alias="deviceId", pattern=ID_PATTERN)
+    data: dict[str, Any] | None = None
+
+
+class Sink(Protocol):
+    """Where effects leave the process (the MQTT side of the hub). Called on the loop thread."""
+
+    def publish_state(self, state: UserStatePayload, forced: bool) -> None: ...
+
+    def publish_event(self, event: EmitEvent) -> None: ...
+
+    def device_timed_out(self, effect: DeviceTimedOut) -> None: ...
+
+    def before_flush(self) -> None:
+        """A flush starts: what was ingested until now is in it."""
+
+    def after_flush(self) -> None:
+        """The flush that last started is durable (manual MQTT acks go here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    engine: EngineConfig
+    prefix: str = "presence"
+    #: how often dirty state and new activity are written to the store
+    flush_interval_ms: int = 1000
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+
+
+Callback = Callable[..., Any]
+
+
+class PresenceService:
+    """Presence for users and their devices. Use as ``async with presence:``."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        store: Store | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = Engine(config.engine)
+        self.store: Store = store if store is not None else MemoryStore()
+        self.clock: Clock = clock or SystemClock()
+        self.topics = Topics(config.prefix)
+        #: rejected input by reason (``bad_payload``, ``unknown_topic``, ...)
+        self.rejected: Counter[str] = Counter()
+        self._sinks: list[Sink] = []
+        self._callbacks: dict[str, list[tuple[Callback, int]]] = {n: [] for n in EVENT_NAMES}
+        self._pending_activity: dict[str, list[Activity]] = {}
+        self._unsaved: dict[str, UserRecord] = {}  # a failed flush's batch, retried next time
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._wake_at: int | None = None
+        self._started = False
+        self._loaded = False
+        self._flush_lock = asyncio.Lock()
+        self._request_handler: Callable[[DeviceMessage], Awaitable[None]] | None = None
+        self._extras: list[Any] = []  # owned resources closed on stop (transport, broker)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> PresenceService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the store, load state, start the clock task (and any attached transport)."""
+        if self._started:
+            return
+        await self.store.open()
+        await self._load()
+        self._wake = asyncio.Event()
+        self._runner = asyncio.create_task(self._run(), name="presence-clock")
+        self._started = True
+        for extra in self._extras:
+            await extra.start()
+
+    async def stop(self) -> None:
+        """Stop the transport, fire what is due, flush everything, close the store."""
+        if not self._started:
+            return
+        self._started = False
+        for extra in reversed(self._extras):
+            try:
+                await extra.stop()
+            except Exception:  # a failing transport must not lose the final flush
+                log.exception("error while stopping %r", extra)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+        await self.store.close()
+
+    async def _load(self) -> None:
+        if self._loaded:
+            return
+        records = await self.store.load_users()
+        effects = self.engine.load(records, self.clock.now())
+        self._loaded = True
+        if records:
+            log.info("loaded %d users from the store", len(records))
+        self._apply(effects)
+
+    def attach(self, extra: Any) -> None:
+        """Own a resource with async ``start``/``stop`` (started after the store is loaded)."""
+        self._extras.append(extra)
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    def set_request_handler(self, handler: Callable[[DeviceMessage], Awaitable[None]]) -> None:
+        """Who answers ``req`` messages (the hub's command handler, wired by the MQTT side)."""
+        self._request_handler = handler
+
+    # ------------------------------------------------------------------ the clock task
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        interval = self.config.flush_interval_ms
+        next_flush = self.clock.now() + interval
+        while True:
+            now = self.clock.now()
+            due = self.engine.next_deadline()
+            wake_at = next_flush if due is None else min(due, next_flush)
+            self._wake_at = wake_at
+            delay = max(0.0, (wake_at - now) / 1000)
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            now = self.clock.now()
+            try:
+                self._apply(self.engine.tick(now))
+                if now >= next_flush:
+                    next_flush = now + interval
+                    await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # the clock must keep running: a store outage is retried on the next flush
+                log.exception("presence clock step failed; retrying")
+                await asyncio.sleep(min(1.0, interval / 1000))
+
+    def _poke(self) -> None:
+        """Wake the clock task if the engine now has an earlier deadline than it sleeps for."""
+        if self._wake is None:
+            return
+        due = self.engine.next_deadline()
+        if due is not None and (self._wake_at is None or due < self._wake_at):
+            self._wake_at = due
+            self._wake.set()
+
+    async def tick(self) -> None:
+        """Fire every deadline due at the clock's ``now`` (for fake clocks and simulations)."""
+        self._apply(self.engine.tick(self.clock.now()))
+
+    async def flush(self) -> None:
+        """Write dirty users and new activity to the store, then tell sinks it is durable."""
+        async with self._flush_lock:
+            for sink in list(self._sinks):
+                sink.before_flush()
+            batch = self._unsaved
+            for rec in self.engine.take_dirty():
+                batch[rec.id] = rec  # a newer record of the same user wins
+            self._unsaved = {}
+            records = list(batch.values())
+            pending, self._pending_activity = self._pending_activity, {}
+            try:
+                if records:
+                    await self.store.save_users(records)
+                now = self.clock.now()
+                for user_id, entries in pending.items():
+                    await self.store.append_activity(user_id, entries, now)
+            except BaseException:
+                # keep the batch for the next flush rather than lose it
+                for rec in records:
+                    self._unsaved.setdefault(rec.id, rec)
+                for user_id, entries in pending.items():
+                    self._pending_activity.setdefault(user_id, [])[:0] = entries
+                raise
+        for sink in list(self._sinks):
+            try:
+                sink.after_flush()
+            except Exception:
+                log.exception("sink after_flush failed")
+
+    # ------------------------------------------------------------------ effects
+
+    def _apply(self, effects: Sequence[Effect]) -> None:
+        for eff in effects:
+            if type(eff) is PublishState:
+                for sink in self._sinks:
+                    sink.publish_state(eff.state, eff.forced)
+            elif type(eff) is EmitEvent:
+                for sink in self._sinks:
+                    sink.publish_event(eff)
+                self._emit(eff)
+            elif type(eff) is RecordActivity:
+                self._pending_activity.setdefault(eff.user_id, []).append(eff.activity)
+            elif type(eff) is DeviceTimedOut:
+                for sink in self._sinks:
+                    sink.device_timed_out(eff)
+
+    def _emit(self, eff: EmitEvent) -> None:
+        for callback, arity in self._callbacks[eff.event]:
+            args = (eff.user_id, eff.old, eff.new)[:arity]
+            try:
+                result = callback(*args)
+            except Exception:
+                log.exception("%s callback %r failed", eff.event, callback)
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._callback_done)
+
+    def _callback_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event callback failed", exc_info=task.exception())
+
+    def _event(self, event: Event) -> None:
+        try:
+            effects = self.engine.handle(event, self.clock.now())
+        except EngineError as exc:
+            raise PresenceError(str(exc)) from None
+        self._apply(effects)
+        self._poke()
+
+    # ------------------------------------------------------------------ ingest (transports)
+
+    def ingest(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """Apply a batch of raw MQTT messages; return how many were rejected.
+
+        Bad topics and payloads are dropped with a counted, logged reason and change nothing.
+        """
+        rejected = 0
+        now = self.clock.now()
+        engine = self.engine
+        parse = self.topics.parse
+        limit = self.config.max_payload_bytes
+        for topic, payload in messages:
+            msg = parse(topic, payload, limit)
+            if type(msg) is Rejection:
+                rejected += 1
+                self._reject(msg)
+                continue
+            assert isinstance(msg, DeviceMessage)
+            if msg.kind == "req":
+                self._request(msg)
+                continue
+            for event in events_from_message(msg):
+                try:
+                    effects = engine.handle(event, now)
+                except EngineError as exc:
+                    rejected += 1
+                    self._reject(Rejection("refused", f"{msg.user}/{msg.device}: {exc}"))
+                    continue
+                if effects:
+                    self._apply(effects)
+        self._poke()
+        return rejected
+
+    def _reject(self, why: Rejection) -> None:
+        self.rejected[why.reason] += 1
+        log.warning("dropped message: %s", why)
+
+    def _request(self, msg: DeviceMessage) -> None:
+        if self._request_handler is None:
+            self._reject(Rejection("no_handler", "request received but no command handler"))
+            return
+        task = asyncio.ensure_future(self._request_handler(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._callback_done)
+
+    # ------------------------------------------------------------------ the presence API
+
+    def on(self, event: EventName, callback: Callback) -> Callable[[], None]:
+        """Call ``callback(user_id, old, new)`` on ``statusChange``, ``online`` or ``offline``.
+
+        A callback that takes fewer positional arguments gets the first ones (so
+        ``lambda user_id: ...`` works). Async callbacks are scheduled; a failing callback is
+        logged and never breaks the engine. Returns a function that unsubscribes.
+        """
+        if event not in self._callbacks:
+            raise PresenceError(f"unknown event {event!r}: use one of {', '.join(EVENT_NAMES)}")
+        arity = _positional_arity(callback)
+        entry = (callback, arity)
+        self._callbacks[event].append(entry)
+
+        def off() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks[event].remove(entry)
+
+        return off
+
+    async def get_status(self, user_id: str) -> UserStatus:
+        return self.engine.get_status(_uid(user_id))
+
+    async def get_statuses(self, user_ids: Iterable[str]) -> dict[str, UserStatus]:
+        return {uid: self.engine.get_status(_uid(uid)) for uid in user_ids}
+
+    async def set_status(self, user_id: str, status: str) -> UserStatus:
+        if status not in ("online", "away", "dnd", "offline"):
+            raise PresenceError(f"unknown status {status!r}: use online, away, dnd or offline")
+        self._event(SetStatus(_uid(user_id), status))  # type: ignore[arg-type]
+        return self.engine.get_status(user_id)
+
+    async def set_custom_status(self, user_id: str, text: str | None) -> UserStatus:
+        if text is not None and not isinstance(text, str):
+            raise PresenceError("custom status must be text or None")
+        self._event(SetCustomStatus(_uid(user_id), text))
+        return self.engine.get_status(user_id)
+
+    async def clear_custom_status(self, user_id: str) -> UserStatus:
+        return await self.set_custom_status(user_id, None)
+
+    async def record_activity(
+        self, user_id: str, activity: Mapping[str, Any] | ActivityIn, device_id: str | None = None
+    ) -> None:
+        """Record what the user did. Without a device, the activity belongs to a virtual device
+        named after its channel (or ``api``)."""
+        try:
+            act = (
+                activity
+                if isinstance(activity, ActivityIn)
+                else ActivityIn.model_validate(dict(activity))
+            )
+        except ValidationError as exc:
+            raise PresenceError(f"invalid activity: {_first_error(exc)}") from None
+        device = device_id or act.device_id
+        if device is not None:
+            validate_or_raise(device, "device id")
+        self._event(
+            ActivityEvent(
+                _uid(user_id), act.type, device, act.channel_id, act.timestamp, act.data
+            )
+        )
+
+    async def get_activity(
+        self, user_id: str, limit: int | None = None, since: int | None = None
+    ) -> list[Activity]:
+        """Newest first. Pending entries are flushed first so a read sees every write."""
+        uid = _uid(user_id)
+        if uid in self._pending_activity:
+            await self.flush()
+        return await self.store.get_activity(uid, limit=limit, since=since)
+
+    async def get_devices(self, user_id: str) -> list[DeviceInfo]:
+        return self.engine.get_devices(_uid(user_id))
+
+    async def set_device_status(self, user_id: str, device_id: str, status: str) -> DeviceInfo:
+        if status not in ("online", "away", "offline"):
+            raise PresenceError(f"unknown device status {status!r}: use online, away or offline")
+        uid = _uid(user_id)
+        did = validate_or_raise(device_id, "device id")
+        self._event(SetDeviceStatus(uid, did, status))  # type: ignore[arg-type]
+        return next(d for d in self.engine.get_devices(uid) if d.id == did)
+
+    async def remove_device(self, user_id: str, device_id: str) -> None:
+        self._event(RemoveDevice(_uid(user_id), validate_or_raise(device_id, "device id")))
+
+    async def get_online_users(self, channel_id: str | None = None) -> list[OnlineUser]:
+        if channel_id is not None:
+            validate_or_raise(channel_id, "channel id")
+        return self.engine.get_online_users(channel_id, self.clock.now())
+
+    async def sync(self, user_id: str) -> SyncStatus:
+        """Republish the user's state and ask every device to ack it."""
+        self._event(SyncRequest(_uid(user_id)))
+        return self.engine.get_sync_status(user_id)
+
+    async def get_sync_status(self, user_id: str) -> SyncStatus:
+        return self.engine.get_sync_status(_uid(user_id))
+
+    async def get_state(self, user_id: str) -> UserStatePayload | None:
+        """The user's state exactly as published on ``P/users/{user}/state``."""
+        return self.engine.snapshot(_uid(user_id))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs and ``/presence`` diagnostics."""
+        return {
+            "users": len(self.engine.user_ids()),
+            "devices": self.engine.device_count(),
+            "rejected": dict(self.rejected),
+            "engine": dict(self.engine.counters),
+        }
+
+
+def validate_or_raise(value: str, what: str) -> str:
+    try:
+        return validate_id(value, what)
+    except ValueError as exc:
+        raise PresenceError(str(exc)) from None
+
+
+def _uid(user_id: str) -> str:
+    return validate_or_raise(user_id, "user id")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(x) for x in err.get("loc", ())) or "activity"
+    return f"{loc}: {err.get('msg', 'invalid')}"
+
+
+def _positional_arity(callback: Callback) -> int:
+    try:
+        sig = inspect.signature(callback)
+    except (TypeError, ValueError):
+        return 3
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return 3
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return min(n, 3)
+
+
+def create_presence_service(
+    *,
+    heartbeat_interval_ms: int = 30_000,
+    away_after_ms: int = 300_000,
+    offline_after_ms: int = 3_600_000,
+    heartbeat_timeout_ms: int | None = None,
+    storage: StorageKind | Store = "memory",
+    db_path: str | None = None,
+    redis_url: str | None = None,
+    activity_limit: int = 1000,
+    activity_max_age_ms: int = 7 * 24 * 3600 * 1000,
+    prefix: str = "presence",
+    broker: str | None = None,
+    clock: Clock | None = None,
+    flush_interval_ms: int = 1000,
+    **hub_options: Any,
+) -> PresenceService:
+    """Build a presence service: in-process by default, the hub on MQTT when given a broker.
+
+    ``storage`` is ``"memory"``, ``"tinydb"`` (``db_path``) or ``"redis"`` (``redis_url``), or a
+    :class:`~hub.store.Store`. ``broker`` is ``None`` (no MQTT), ``"embedded"`` (an amqtt broker
+    in this process), ``"auto"`` or an ``mqtt://``/``mqtts://`` URL; ``hub_options`` go to the
+    MQTT side (listen address, credentials, ...).
+    """
+    try:
+        engine_config = EngineConfig(
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            away_after_ms=away_after_ms,
+            offline_after_ms=offline_after_ms,
+            heartbeat_timeout_ms=heartbeat_timeout_ms,
+        )
+    except ValueError as exc:
+        raise PresenceError(str(exc)) from None
+    limits = ActivityLimits(max_entries=activity_limit, max_age_ms=activity_max_age_ms)
+    if isinstance(storage, str):
+        from hub.store import open_store
+
+        store = open_store(
+            storage, db_path=db_path, redis_url=redis_url, limits=limits, namespace=prefix
+        )
+    else:
+        store = storage
+    config = ServiceConfig(
+        engine=engine_config, prefix=prefix, flush_interval_ms=flush_interval_ms
+    )
+    service = PresenceService(config, store=store, clock=clock)
+    if broker is not None:
+        from hub.mqtt import attach_mqtt
+
+        attach_mqtt(service, broker, **hub_options)
+    elif hub_options:
+        raise PresenceError(f"options need a broker: {', '.join(sorted(hub_options))}")
+    return service
