@@ -32,6 +32,8 @@ from pydantic.alias_generators import to_camel
 
 ID_PATTERN: Final = r"[A-Za-z0-9_.-]{1,64}"
 _ID_RE: Final = re.compile(ID_PATTERN)
+#: The same rule for pydantic fields, anchored (pydantic patterns search, they do not fullmatch).
+ID_FIELD_PATTERN: Final = f"^{ID_PATTERN}$"
 
 DEFAULT_PREFIX: Final = "presence"
 #: Largest payload the hub accepts on any device topic; larger ones are dropped unparsed.
@@ -121,7 +123,7 @@ class ConnPayload(WireModel):
     """``P/devices/{user}/{device}/conn``: birth, last will, or clean stop of one session."""
 
     state: Literal["online", "offline"]
-    session: SessionId = Field(pattern=ID_PATTERN)
+    session: SessionId = Field(pattern=ID_FIELD_PATTERN)
     name: StrictStr | None = Field(default=None, max_length=128)
     reason: StrictStr | None = Field(default=None, max_length=64)
     ts: Millis | None = None
@@ -130,7 +132,7 @@ class ConnPayload(WireModel):
 class HeartbeatPayload(WireModel):
     """``P/devices/{user}/{device}/heartbeat``: liveness, plus idle time where the device senses it."""
 
-    session: SessionId = Field(pattern=ID_PATTERN)
+    session: SessionId = Field(pattern=ID_FIELD_PATTERN)
     seq: StrictInt = Field(default=0, ge=0)
     ts: Millis | None = None
     idle_ms: StrictInt | None = Field(default=None, ge=0)
@@ -140,7 +142,7 @@ class ActivityPayload(WireModel):
     """``P/devices/{user}/{device}/activity``: one thing the user did (sent a message, ...)."""
 
     type: StrictStr = Field(min_length=1, max_length=64)
-    channel_id: StrictStr | None = Field(default=None, pattern=ID_PATTERN)
+    channel_id: StrictStr | None = Field(default=None, pattern=ID_FIELD_PATTERN)
     timestamp: Millis | None = None
     data: dict[str, Any] | None = None
 
@@ -168,7 +170,7 @@ class AckPayload(WireModel):
 class RequestPayload(WireModel):
     """``P/devices/{user}/{device}/req``: a chat command for the hub, answered on the reply topic."""
 
-    id: StrictStr = Field(pattern=ID_PATTERN)
+    id: StrictStr = Field(pattern=ID_FIELD_PATTERN)
     command: StrictStr = Field(min_length=1, max_length=1024)
 
 

@@ -43,7 +43,7 @@ from hub.engine import (
 )
 from hub.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserRecord, UserStatus
 from hub.protocol import (
-    ID_PATTERN,
+    ID_FIELD_PATTERN,
     MAX_PAYLOAD_BYTES,
     DeviceMessage,
     Rejection,
@@ -70,9 +70,9 @@ class ActivityIn(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
 
     type: str = Field(min_length=1, max_length=64)
-    channel_id: str | None = Field(default=None, alias="channelId", pattern=ID_PATTERN)
+    channel_id: str | None = Field(default=None, alias="channelId", pattern=ID_FIELD_PATTERN)
     timestamp: int | None = None
-    device_id: str | None = Field(default=None, alias="deviceId", pattern=ID_PATTERN)
+    device_id: str | None = Field(default=None, alias="deviceId", pattern=ID_FIELD_PATTERN)
     data: dict[str, Any] | None = None
 
 

@@ -1,0 +1,171 @@
+"""The wire protocol: ids, topics, payloads, and rejections that never raise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hub.protocol import (
+    MAX_PAYLOAD_BYTES,
+    AckPayload,
+    ConnPayload,
+    DeviceMessage,
+    HeartbeatPayload,
+    InvalidId,
+    Rejection,
+    SetPayload,
+    Topics,
+    UserStatePayload,
+    new_session_id,
+    validate_id,
+    validate_prefix,
+)
+
+T = Topics()
+
+
+@pytest.mark.parametrize("good", ["alice", "a", "A-b_c.d", "x" * 64, "0"])
+def test_valid_ids_are_accepted(good: str) -> None:
+    assert validate_id(good) == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "x" * 65, "a/b", "a+b", "a#", "with space", "ünïcode", "tab\t", None, 5]
+)
+def test_invalid_ids_are_refused_with_a_clear_error(bad: object) -> None:
+    with pytest.raises(InvalidId, match="use 1-64 characters"):
+        validate_id(bad, "user id")
+
+
+def test_builders_refuse_ids_that_would_change_the_topic_shape() -> None:
+    with pytest.raises(InvalidId):
+        T.device("alice/bob", "phone", "conn")
+    with pytest.raises(InvalidId):
+        T.user("+", "state")
+    with pytest.raises(InvalidId):
+        T.events("#")
+
+
+def test_prefix_may_have_levels_but_no_wildcards() -> None:
+    assert Topics("home/presence").user("a", "status") == "home/presence/users/a/status"
+    for bad in ("", "a/+/b", "a//b", "#", "/lead"):
+        with pytest.raises(InvalidId):
+            validate_prefix(bad)
+
+
+def test_topics_round_trip() -> None:
+    topic = T.device("alice", "phone", "heartbeat")
+    assert topic == "presence/devices/alice/phone/heartbeat"
+    msg = T.parse(topic, b'{"session":"s1","seq":3,"ts":5,"idleMs":10}')
+    assert isinstance(msg, DeviceMessage)
+    assert (msg.user, msg.device, msg.kind) == ("alice", "phone", "heartbeat")
+    assert msg.body == HeartbeatPayload(session="s1", seq=3, ts=5, idle_ms=10)
+
+
+def test_payloads_are_camel_case_on_the_wire_and_leave_out_nones() -> None:
+    assert json.loads(HeartbeatPayload(session="s", seq=1, ts=2, idle_ms=3).to_json()) == {
+        "session": "s", "seq": 1, "ts": 2, "idleMs": 3
+    }
+    assert json.loads(ConnPayload(state="offline", session="s", reason="lost").to_json()) == {
+        "state": "offline", "session": "s", "reason": "lost"
+    }
+
+
+def test_user_state_always_carries_custom_status_and_active_device() -> None:
+    data = json.loads(UserStatePayload(user_id="a", name="a", status="offline", version=1).to_json())
+    assert data["customStatus"] is None and data["activeDevice"] is None
+    assert data["devices"] == []
+
+
+def test_set_tells_null_custom_status_from_missing() -> None:
+    cleared = T.parse("presence/devices/a/b/set", b'{"customStatus":null}')
+    untouched = T.parse("presence/devices/a/b/set", b'{"status":"dnd"}')
+    assert isinstance(cleared, DeviceMessage) and isinstance(untouched, DeviceMessage)
+    assert isinstance(cleared.body, SetPayload) and isinstance(untouched.body, SetPayload)
+    assert cleared.body.has_custom_status() and cleared.body.custom_status is None
+    assert not untouched.body.has_custom_status()
+
+
+def test_unknown_fields_are_ignored() -> None:
+    msg = T.parse("presence/devices/a/b/ack", b'{"version":3,"future":"field"}')
+    assert isinstance(msg, DeviceMessage) and msg.body == AckPayload(version=3)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("other/devices/a/b/conn", b"{}", "unknown_topic"),
+        ("presence/devices/a/b", b"{}", "unknown_topic"),
+        ("presence/devices/a/b/c/d", b"{}", "unknown_topic"),
+        ("presence/devices/a/b/reboot", b"{}", "unknown_topic"),
+        ("presence/devices/a+/b/conn", b"{}", "bad_id"),
+        ("presence/devices/a/" + "x" * 65 + "/conn", b"{}", "bad_id"),
+        ("presence/devices/a/b/heartbeat", b"", "empty_payload"),
+        ("presence/devices/a/b/heartbeat", b"not json", "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b"[1,2]", "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b'"str"', "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b'{"seq":1}', "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b'{"session":"s","seq":"1"}', "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b'{"session":"s","seq":true}', "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b'{"session":"s","idleMs":-5}', "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b'{"session":"a/b"}', "bad_payload"),
+        ("presence/devices/a/b/conn", b'{"state":"maybe","session":"s"}', "bad_payload"),
+        ("presence/devices/a/b/set", b'{"status":"busy"}', "bad_payload"),
+        ("presence/devices/a/b/set", b'{"customStatus":"' + b"x" * 300 + b'"}', "bad_payload"),
+        ("presence/devices/a/b/activity", b'{"type":""}', "bad_payload"),
+        ("presence/devices/a/b/activity", b'{"type":"m","channelId":"a/b"}', "bad_payload"),
+        ("presence/devices/a/b/ack", b'{"version":-1}', "bad_payload"),
+        ("presence/devices/a/b/heartbeat", b"\xff\xfe", "bad_payload"),
+    ],
+)
+def test_bad_input_becomes_a_rejection_with_a_reason(topic: str, payload: bytes, reason: str) -> None:
+    result = T.parse(topic, payload)
+    assert isinstance(result, Rejection), result
+    assert result.reason == reason
+    assert result.detail
+
+
+def test_huge_payloads_are_refused_before_parsing() -> None:
+    payload = b'{"type":"m","data":{"x":"' + b"a" * MAX_PAYLOAD_BYTES + b'"}}'
+    result = T.parse("presence/devices/a/b/activity", payload)
+    assert isinstance(result, Rejection) and result.reason == "too_large"
+
+
+def test_deeply_nested_json_is_a_rejection_not_a_crash() -> None:
+    payload = b'{"type":"m","data":{"x":' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    assert isinstance(T.parse("presence/devices/a/b/activity", payload), Rejection | DeviceMessage)
+
+
+def test_session_ids_are_fresh_and_valid() -> None:
+    ids = {new_session_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(validate_id(s) for s in ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.text(max_size=80), payload=st.binary(max_size=200))
+def test_parse_never_raises(topic: str, payload: bytes) -> None:
+    result = T.parse(topic, payload)
+    assert isinstance(result, Rejection | DeviceMessage)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["conn", "heartbeat", "activity", "set", "ack", "req"]),
+    body=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda children: st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["state", "session", "seq", "ts", "idleMs", "type", "channelId",
+                             "timestamp", "status", "customStatus", "version", "id", "command"]),
+            children, max_size=6),
+        max_leaves=12,
+    ),
+)
+def test_parse_never_raises_on_json_shaped_garbage(kind: str, body: object) -> None:
+    payload = json.dumps(body).encode()
+    result = T.parse(f"presence/devices/u/d/{kind}", payload)
+    assert isinstance(result, Rejection | DeviceMessage)
