@@ -1,0 +1,203 @@
+"""``presence-agent``: the device daemon, and a way to record activity from scripts.
+
+Usage::
+
+    presence-agent [OPTIONS]                      # run the agent until SIGTERM / Ctrl-C
+    presence-agent [OPTIONS] activity --type message --channel telegram-123 [--data JSON]
+    presence-agent [OPTIONS] config               # print the effective settings
+
+Settings come from flags, then ``PRESENCE_*`` environment variables, then the TOML file
+(``--config``, ``$PRESENCE_CONFIG`` or ``$XDG_CONFIG_HOME/mqtt-presence/agent.toml``), then
+defaults; see :mod:`device_agent.config` for every key.
+
+Recording activity from the command line. ``presence-agent activity`` does not talk to the
+broker at all: it appends the activity (stamped with the current time) to the device's
+on-disk outbox, the same SQLite file the daemon delivers from, and exits. Whoever acts for that
+user and device delivers it, in recording order, with QoS 1:
+
+* a running daemon notices the new row within a quarter of a second (it polls SQLite's
+  ``data_version``, which only moves when another process commits) and publishes it;
+* if no daemon runs, or the broker is down, the row waits on disk and the next daemon start
+  (or reconnect) delivers it. A row leaves the outbox only when the broker acknowledged it.
+
+So a chat bot hook or a shell alias can call ``presence-agent activity`` and never block on,
+or fail because of, the network. Both commands must resolve the same ``user``, ``device`` and
+``outbox`` settings (they read the same config file and environment), and the outbox refuses
+to be shared by two different user/device pairs.
+
+Exit status: 0 on success (and after a clean stop on SIGTERM/SIGINT, which publishes ``conn``
+offline with reason ``disconnect``), 1 when the agent gave up (for example the broker refused
+the credentials), 2 for a usage or configuration error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+from .agent import PresenceAgent, queue_activity
+from .config import KEYS, AgentConfig, load_config
+from .errors import AgentError, ConfigError
+
+PROG = "presence-agent"
+
+#: Settings that only the ``presence`` command uses.
+_COMMAND_ONLY = {"timeout"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
+def _common_options() -> _Parser:
+    """Options accepted before and after the subcommand (defaults suppressed, so absent)."""
+    common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = common.add_argument_group("settings (also PRESENCE_* environment and config file)")
+    group.add_argument("--config", metavar="PATH",
+                       help="TOML config file (default $XDG_CONFIG_HOME/mqtt-presence/agent.toml)")
+    for key in KEYS:
+        if not key.has_flag or key.name in _COMMAND_ONLY:
+            continue
+        help_text = f"{key.help} [{key.env}]"
+        if key.kind == "bool":
+            group.add_argument(key.flag, dest=key.name, action="store_true", help=help_text)
+        else:
+            group.add_argument(key.flag, dest=key.name, metavar=key.metavar or "VALUE",
+                               help=help_text)
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run the mqtt-presence device agent: publish this device's presence (birth, last\n"
+            "will, heartbeats with idle time) to the hub over MQTT, deliver recorded activity,\n"
+            "and keep a local state file with the user's status. Stops cleanly (offline,\n"
+            "reason 'disconnect') on SIGTERM or Ctrl-C."
+        ),
+        epilog=(
+            "examples:\n"
+            "  presence-agent --broker mqtt://hub.lan --user alice --device laptop\n"
+            "  presence-agent activity --type message --channel telegram-123\n"
+            "  PRESENCE_BROKER=mqtts://hub.lan presence-agent config\n\n"
+            "'activity' only appends to the on-disk outbox: the running agent (or the next one\n"
+            "to start) delivers it, so it works while the broker is down."
+        ),
+    )
+    sub = parser.add_subparsers(dest="subcommand", metavar="{run,activity,config}")
+    sub.add_parser("run", parents=[common], help="run the agent (the default)",
+                   description="Run the agent until SIGTERM or Ctrl-C.")
+    act = sub.add_parser(
+        "activity", parents=[common], help="record one activity for delivery",
+        description="Append one activity to the outbox; the agent delivers it when it can.",
+    )
+    act.add_argument("--type", dest="activity_type", default="message", metavar="TYPE",
+                     help="what the user did, e.g. message (default message)")
+    act.add_argument("--channel", metavar="ID", help="channel id, e.g. telegram-123")
+    act.add_argument("--data", metavar="JSON", help="extra JSON object to attach")
+    act.add_argument("--timestamp", metavar="MS", type=int,
+                     help="when it happened, ms since the epoch (default now)")
+    sub.add_parser("config", parents=[common], help="print the effective settings",
+                   description="Print the settings after flags, environment and file are merged.")
+    return parser
+
+
+def _settings(ns: argparse.Namespace) -> dict[str, Any]:
+    names = {key.name for key in KEYS} | {"config"}
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def _setup_logging(ns: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(ns, "verbose", False) else logging.INFO
+    if getattr(ns, "quiet", False):
+        level = logging.WARNING
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if level > logging.DEBUG:
+        logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def run_daemon(config: AgentConfig) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger("device_agent").info("received %s, stopping",
+                                               signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent = PresenceAgent(config)
+    agent.start()
+    try:
+        while not stop.wait(0.2):
+            if agent.wait(0):
+                break
+    finally:
+        agent.close()
+    if agent.error is not None:
+        print(f"{PROG}: {agent.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def record_activity(config: AgentConfig, ns: argparse.Namespace) -> int:
+    data: dict[str, Any] | None = None
+    if ns.data is not None:
+        try:
+            data = json.loads(ns.data)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--data is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("--data must be a JSON object, e.g. '{\"text\": \"hi\"}'")
+    try:
+        _row, waiting = queue_activity(config, ns.activity_type, ns.channel, data, ns.timestamp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    where = f" on {ns.channel}" if ns.channel else ""
+    print(
+        f"queued {ns.activity_type} activity{where} for {config.user}/{config.device}"
+        f" ({waiting} waiting in {config.outbox_path}); the agent delivers it"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns)
+    try:
+        config = load_config(_settings(ns))
+        if ns.subcommand == "activity":
+            return record_activity(config, ns)
+        if ns.subcommand == "config":
+            for name, value in config.describe().items():
+                print(f"{name} = {value}")
+            return 0
+        return run_daemon(config)
+    except AgentError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
