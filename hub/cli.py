@@ -141,8 +141,13 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _banner(settings: dict[str, Any], broker_desc: str) -> str:
+def _banner(settings: dict[str, Any], broker_desc: str, broker: str) -> str:
     host, _, port = settings["listen"].rpartition(":")
+    if broker != "embedded":
+        from hub.mqtt import BrokerURL
+
+        url = BrokerURL.parse(broker)
+        host, port = url.host, str(url.port)
     prefix = settings["prefix"]
     return (
         f"presence hub running: {broker_desc}; storage {settings['storage']}"
@@ -194,7 +199,7 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with presence:
-        banner = _banner(settings, desc)
+        banner = _banner(settings, desc, broker)
         print(banner, flush=True)
         if ready is not None:
             ready(banner)

@@ -102,6 +102,7 @@ class ServiceConfig:
 
 
 Callback = Callable[..., Any]
+_PAUSED = -1
 
 
 class PresenceService:
@@ -133,6 +134,8 @@ class PresenceService:
         self._flush_lock = asyncio.Lock()
         self._request_handler: Callable[[DeviceMessage], Awaitable[None]] | None = None
         self._extras: list[Any] = []  # owned resources closed on stop (transport, broker)
+        #: None: timers run; _PAUSED: broker link down; a time: they resume then
+        self._timers_paused_until: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,6 +205,32 @@ class PresenceService:
 
     # ------------------------------------------------------------------ the clock task
 
+    # ------------------------------------------------------------------ broker link
+
+    def link_down(self) -> None:
+        """The hub lost its broker: it hears no device now, so no device may time out."""
+        if self._timers_paused_until != _PAUSED:
+            log.warning("broker link down: device timers paused")
+        self._timers_paused_until = _PAUSED
+
+    def link_up(self) -> None:
+        """The broker is back: devices get one heartbeat timeout to be heard before timers run."""
+        if self._timers_paused_until == _PAUSED:
+            grace = self.config.engine.timeout_ms
+            self._timers_paused_until = self.clock.now() + grace
+            log.info("broker link up: device timers resume in %d ms", grace)
+            if self._wake is not None:
+                self._wake.set()
+
+    def _timers_paused(self, now: int) -> bool:
+        until = self._timers_paused_until
+        if until is None:
+            return False
+        if until != _PAUSED and now >= until:
+            self._timers_paused_until = None
+            return False
+        return True
+
     async def _run(self) -> None:
         assert self._wake is not None
         interval = self.config.flush_interval_ms
@@ -209,6 +238,9 @@ class PresenceService:
         while True:
             now = self.clock.now()
             due = self.engine.next_deadline()
+            if self._timers_paused(now):
+                until = self._timers_paused_until
+                due = None if until == _PAUSED else until
             wake_at = next_flush if due is None else min(due, next_flush)
             self._wake_at = wake_at
             delay = max(0.0, (wake_at - now) / 1000)
@@ -218,7 +250,8 @@ class PresenceService:
                     await asyncio.wait_for(self._wake.wait(), delay)
             now = self.clock.now()
             try:
-                self._apply(self.engine.tick(now))
+                if not self._timers_paused(now):
+                    self._apply(self.engine.tick(now))
                 if now >= next_flush:
                     next_flush = now + interval
                     await self.flush()
@@ -240,7 +273,9 @@ class PresenceService:
 
     async def tick(self) -> None:
         """Fire every deadline due at the clock's ``now`` (for fake clocks and simulations)."""
-        self._apply(self.engine.tick(self.clock.now()))
+        now = self.clock.now()
+        if not self._timers_paused(now):
+            self._apply(self.engine.tick(now))
 
     async def flush(self) -> None:
         """Write dirty users and new activity to the store, then tell sinks it is durable."""
