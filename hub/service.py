@@ -289,11 +289,14 @@ class PresenceService:
             records = list(batch.values())
             pending, self._pending_activity = self._pending_activity, {}
             try:
-                if records:
-                    await self.store.save_users(records)
+                # activity first, users last: a store that buffers activity (TinyDB) writes it
+                # with the users' batch, so a flush period costs one file write
                 now = self.clock.now()
                 for user_id, entries in pending.items():
                     await self.store.append_activity(user_id, entries, now)
+                if records:
+                    await self.store.save_users(records)
+                await self.store.flush()
             except BaseException:
                 # keep the batch for the next flush rather than lose it
                 for rec in records:

@@ -10,10 +10,11 @@ Activity logs are bounded per user by count and by age, and read newest first.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from hub.models import Activity, UserRecord
 
@@ -42,6 +43,9 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Make everything written so far durable and release resources."""
+
+    async def flush(self) -> None:
+        """Make everything written so far durable (a store may buffer activity until then)."""
 
     async def load_users(self) -> list[UserRecord]:
         """Every persisted user, with devices."""
@@ -73,6 +77,9 @@ class MemoryStore:
         return None
 
     async def close(self) -> None:
+        return None
+
+    async def flush(self) -> None:
         return None
 
     async def load_users(self) -> list[UserRecord]:
@@ -118,3 +125,42 @@ def select_activity(
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+StoreKind = Literal["memory", "tinydb", "redis"]
+STORE_KINDS: tuple[StoreKind, ...] = ("memory", "tinydb", "redis")
+
+
+def open_store(
+    kind: str,
+    *,
+    db_path: str | os.PathLike[str] | None = None,
+    redis_url: str | None = None,
+    limits: ActivityLimits | None = None,
+    namespace: str = "presence",
+) -> Store:
+    """Build the store named by ``kind``; the caller still awaits ``store.open()``.
+
+    The TinyDB and Redis modules are imported here, not at the top, so ``redis`` stays an
+    optional extra and a memory-only user never imports either.
+    """
+    if kind == "memory":
+        return MemoryStore(limits)
+    if kind == "tinydb":
+        if db_path is None:
+            raise StoreError("storage 'tinydb' needs a database file path (--db)")
+        from hub.store_tinydb import TinyDBStore
+
+        return TinyDBStore(db_path, limits)
+    if kind == "redis":
+        if not redis_url:
+            raise StoreError("storage 'redis' needs a Redis URL (--redis-url)")
+        try:
+            from hub.store_redis import RedisStore
+        except ImportError as exc:
+            raise StoreError(
+                f"storage 'redis' needs the redis package ({exc}): "
+                "pip install 'mqtt-presence[redis]'"
+            ) from exc
+        return RedisStore(redis_url, limits, namespace=namespace)
+    raise StoreError(f"unknown storage {kind!r}: choose one of {', '.join(STORE_KINDS)}")

@@ -1,0 +1,454 @@
+"""The Redis store: state shared by several processes, written in transactions of whole users.
+
+Key layout (``ns`` is the namespace, ``presence`` by default), chosen so that other tools can
+read it with plain commands (``HGETALL``, ``SMEMBERS``, ``XREVRANGE``):
+
+* ``{ns}:users``: set of user ids.
+* ``{ns}:user:{user}``: hash of the user's record fields. Fields whose type is a string are
+  stored as is, every other field JSON-encoded; a ``None`` field is absent. Its ``devices``
+  field is the JSON list of device ids, which keeps the record's device order.
+* ``{ns}:devices:{user}``: set of the user's device ids, so a save can delete the hashes of
+  devices that left the record.
+* ``{ns}:device:{user}:{device}``: hash of one device record, encoded like the user hash.
+* ``{ns}:activity:{user}``: stream of the user's activity, one JSON entry in field ``a``. The
+  stream id's millisecond part is the entry's ``received_at`` (raised to the previous id when
+  the hub's clock went backwards), so ``XTRIM MINID`` cuts by age; ``MAXLEN`` cuts by count.
+
+Why transactions: a batch is written in ``MULTI``/``EXEC`` transactions (one per 500 users, see
+``_CHUNK_USERS``), so a hub that dies mid-flush never leaves a user with half its fields or an
+orphan device; a batch of more than 500 users may land partly, each user whole. The set of
+devices to delete is read under ``WATCH``, so a concurrent writer makes the transaction retry
+rather than leak keys.
+Appends run one small Lua script per user, because a stream id derived from ``received_at``
+must be compared with the stream's last id atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import types
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+
+from hub.models import Activity, DeviceRecord, UserRecord
+from hub.store import ActivityLimits, StoreError, select_activity
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_NAMESPACE = "presence"
+_WATCH_ATTEMPTS = 10
+_PAGE = 200
+#: Users per transaction. One MULTI/EXEC reply is parsed as a whole by redis-py, in Python,
+#: and that cost grows faster than linearly (measured here: 10k HGETALLs in one transaction
+#: 4.9 s, 30k hit the read timeout; in transactions of 500, 10k take 3.6 s).
+_CHUNK_USERS = 500
+_ENTRY_FIELD = "a"
+
+_APPEND_SCRIPT = """
+-- KEYS[1]: activity stream; ARGV[1]: max entries; ARGV[2]: oldest ms to keep (0: no age cut);
+-- ARGV[3..]: pairs of received_at (ms) and the entry's JSON, oldest first.
+local key = KEYS[1]
+local last_ms, last_seq = 0, 0
+if redis.call('EXISTS', key) == 1 then
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local id = info[i + 1]
+      local dash = string.find(id, '-', 1, true)
+      last_ms = tonumber(string.sub(id, 1, dash - 1))
+      last_seq = tonumber(string.sub(id, dash + 1))
+    end
+  end
+end
+for i = 3, #ARGV, 2 do
+  local ms = tonumber(ARGV[i])
+  local seq = 0
+  if ms <= last_ms then
+    ms = last_ms
+    seq = last_seq + 1
+  end
+  redis.call('XADD', key, 'MAXLEN', ARGV[1], string.format('%.0f-%.0f', ms, seq),
+             'a', ARGV[i + 1])
+  last_ms, last_seq = ms, seq
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('XTRIM', key, 'MINID', ARGV[2])
+end
+local len = redis.call('XLEN', key)
+if len == 0 then
+  redis.call('DEL', key)
+end
+return len
+"""
+
+
+def _is_string_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    origin = get_origin(tp)
+    if origin is Literal:
+        return all(isinstance(arg, str) for arg in get_args(tp))
+    if origin is Union or origin is types.UnionType:
+        args = [arg for arg in get_args(tp) if arg is not type(None)]
+        return bool(args) and all(_is_string_type(arg) for arg in args)
+    return False
+
+
+class _HashCodec:
+    """Model <-> Redis hash: string fields as is, the rest JSON, ``None`` fields left out.
+
+    Which fields are strings comes from the model's types, so decoding is unambiguous: a
+    custom status that reads ``"null"`` or ``"42"`` stays a string.
+    """
+
+    def __init__(self, model: type[BaseModel], exclude: frozenset[str] = frozenset()) -> None:
+        self.model = model
+        self.exclude = exclude
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        self.fields = frozenset(fields) - exclude
+        self.strings = frozenset(k for k, f in fields.items() if _is_string_type(f.annotation))
+
+    def encode(self, record: BaseModel) -> dict[str, str]:
+        out: dict[str, str] = {}
+        dumped = record.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for key, value in dumped.items():
+            if key in self.exclude:
+                continue
+            out[key] = value if key in self.strings else json.dumps(value, separators=(",", ":"))
+        return out
+
+    def decode(self, raw: dict[str, str]) -> dict[str, Any]:
+        """Known fields only: an unknown field (a newer writer's) is ignored, not parsed."""
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in self.fields:
+                continue
+            if key in self.strings:
+                out[key] = value
+            else:
+                try:
+                    out[key] = json.loads(value)
+                except ValueError:
+                    out[key] = value  # let the model report it as an invalid field
+        return out
+
+
+_USER_CODEC = _HashCodec(UserRecord, exclude=frozenset({"devices"}))
+_DEVICE_CODEC = _HashCodec(DeviceRecord)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+class RedisStore:
+    """Users, devices and activity in Redis under one namespace; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        limits: ActivityLimits | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.limits = limits or ActivityLimits()
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        self._client: aioredis.Redis | None = None
+        self._append: Any = None
+        # Writes of this process reach Redis in call order (asyncio.Lock is FIFO); without it
+        # two overlapping saves of one user could retry their WATCH and land swapped.
+        self._write_lock = asyncio.Lock()
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    @property
+    def users_key(self) -> str:
+        return f"{self.namespace}:users"
+
+    def user_key(self, user_id: str) -> str:
+        return f"{self.namespace}:user:{user_id}"
+
+    def device_set_key(self, user_id: str) -> str:
+        return f"{self.namespace}:devices:{user_id}"
+
+    def device_key(self, user_id: str, device_id: str) -> str:
+        return f"{self.namespace}:device:{user_id}:{device_id}"
+
+    def activity_key(self, user_id: str) -> str:
+        return f"{self.namespace}:activity:{user_id}"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        where = redact_url(self.url)
+        client: aioredis.Redis | None = None
+        try:
+            client = aioredis.from_url(
+                self.url,
+                decode_responses=True,
+                socket_connect_timeout=self.connect_timeout,
+            )
+            await client.ping()
+        except (RedisError, OSError, ValueError) as exc:
+            if client is not None:
+                await client.aclose()
+            raise StoreError(f"cannot reach Redis at {where}: {exc}") from exc
+        self._client = client
+        self._append = client.register_script(_APPEND_SCRIPT)
+
+    async def flush(self) -> None:
+        """Every batch is written when it is handed over: nothing is buffered."""
+        return None
+
+    async def close(self) -> None:
+        # Every write was acknowledged by Redis already; durability is the server's setting.
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # -- the Store interface ------------------------------------------------------------------
+
+    async def load_users(self) -> list[UserRecord]:
+        return await self._guard("load users", self._load_users)
+
+    async def save_users(self, users: Sequence[UserRecord]) -> None:
+        batch = {u.id: u for u in users}  # the last record of a user in a batch wins
+        if batch:
+            await self._guard("save users", lambda: self._save_users(batch), write=True)
+
+    async def delete_user(self, user_id: str) -> None:
+        await self._guard("delete a user", lambda: self._delete_user(user_id), write=True)
+
+    async def append_activity(self, user_id: str, entries: Sequence[Activity], now: int) -> None:
+        if not entries:
+            return
+        args: list[str | int] = [
+            self.limits.max_entries,
+            max(0, now - self.limits.max_age_ms),
+        ]
+        for entry in entries:
+            args += [max(0, entry.received_at), entry.model_dump_json()]
+        key = self.activity_key(user_id)
+        await self._guard(
+            "append activity", lambda: self._append(keys=[key], args=args), write=True
+        )
+
+    async def get_activity(
+        self, user_id: str, limit: int | None = None, since: int | None = None
+    ) -> list[Activity]:
+        return await self._guard(
+            "read activity", lambda: self._get_activity(user_id, limit, since)
+        )
+
+    # -- implementation -----------------------------------------------------------------------
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreError(f"the Redis store at {redact_url(self.url)} is not open")
+        return self._client
+
+    async def _guard(
+        self, action: str, fn: Callable[[], Awaitable[T]], *, write: bool = False
+    ) -> T:
+        _ = self.client  # a store that is not open says so as a StoreError
+        try:
+            if not write:
+                return await fn()
+            async with self._write_lock:
+                return await fn()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis at {redact_url(self.url)}: {action} failed: {exc}") from exc
+
+    async def _load_users(self) -> list[UserRecord]:
+        client = self.client
+        user_ids = sorted(_text(m) for m in await client.smembers(self.users_key))
+        out: list[UserRecord] = []
+        for chunk in _chunks(user_ids, _CHUNK_USERS):
+            out += await self._load_chunk(chunk)
+        return out
+
+    async def _load_chunk(self, user_ids: list[str]) -> list[UserRecord]:
+        client = self.client
+        async with client.pipeline(transaction=True) as pipe:
+            for uid in user_ids:
+                pipe.hgetall(self.user_key(uid))
+            replies = await pipe.execute()
+        users: list[tuple[str, dict[str, Any], list[str]]] = []
+        for uid, raw_user in zip(user_ids, replies, strict=True):
+            if not raw_user:
+                continue  # listed but gone: deleted between our two reads
+            fields = _USER_CODEC.decode(raw_user)
+            users.append((uid, fields, _device_ids(raw_user.get("devices"))))
+        async with client.pipeline(transaction=True) as pipe:
+            for uid, _, device_ids in users:
+                for device_id in device_ids:
+                    pipe.hgetall(self.device_key(uid, device_id))
+            device_replies = iter(await pipe.execute())
+        out: list[UserRecord] = []
+        for uid, fields, device_ids in users:
+            devices = [_DEVICE_CODEC.decode(next(device_replies)) for _ in device_ids]
+            fields["devices"] = [d for d in devices if d]
+            try:
+                out.append(UserRecord.model_validate(fields))
+            except ValidationError as exc:
+                log.warning(
+                    "skipping unreadable user %r in Redis at %s: %s", uid,
+                    redact_url(self.url), exc.errors(include_url=False)[:3],
+                )
+        return out
+
+    async def _save_users(self, users: dict[str, UserRecord]) -> None:
+        for chunk in _chunks(list(users), _CHUNK_USERS):
+            await self._save_chunk({uid: users[uid] for uid in chunk})
+
+    async def _save_chunk(self, batch: dict[str, UserRecord]) -> None:
+        set_keys = [self.device_set_key(uid) for uid in batch]
+
+        def queue(pipe: Any, before: dict[str, set[str]]) -> None:
+            # Few commands per user on purpose: redis-py spends ~50-100 us of Python per
+            # command (packing, a timeout context per reply), far more than Redis does.
+            for uid, user in batch.items():
+                devices = {d.id: d for d in user.devices}
+                user_key = self.user_key(uid)
+                device_set_key = self.device_set_key(uid)
+                fields = _USER_CODEC.encode(user)
+                fields["devices"] = json.dumps(list(devices), separators=(",", ":"))
+                # Whole records replace whole records: drop the old hashes (and those of
+                # devices that left the record) before writing the new ones.
+                stale = before[uid] | set(devices)
+                pipe.delete(user_key, device_set_key, *(self.device_key(uid, d) for d in stale))
+                pipe.hset(user_key, mapping=fields)
+                for device_id, device in devices.items():
+                    pipe.hset(self.device_key(uid, device_id), mapping=_DEVICE_CODEC.encode(device))
+                if devices:
+                    pipe.sadd(device_set_key, *devices)
+            pipe.sadd(self.users_key, *batch)
+
+        await self._transaction(set_keys, list(batch), queue)
+
+    async def _delete_user(self, user_id: str) -> None:
+        def queue(pipe: Any, before: dict[str, set[str]]) -> None:
+            pipe.delete(
+                self.user_key(user_id),
+                self.device_set_key(user_id),
+                self.activity_key(user_id),
+                *(self.device_key(user_id, d) for d in before[user_id]),
+            )
+            pipe.srem(self.users_key, user_id)
+
+        await self._transaction([self.device_set_key(user_id)], [user_id], queue)
+
+    async def _transaction(
+        self,
+        watched: list[str],
+        user_ids: list[str],
+        queue: Callable[[Any, dict[str, set[str]]], None],
+    ) -> None:
+        """Read the users' device sets under WATCH, then write in one MULTI/EXEC; retry on races.
+
+        The sets are read on a second connection in one round trip: WATCH is per connection
+        and still catches any change made after it, whoever reads.
+        """
+        client = self.client
+        reconnected = False
+        for _ in range(_WATCH_ATTEMPTS):
+            async with client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*watched)
+                    async with client.pipeline(transaction=False) as reader:
+                        for uid in user_ids:
+                            reader.smembers(self.device_set_key(uid))
+                        sets: list[set[str]] = await reader.execute()
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    queue(pipe, dict(zip(user_ids, sets, strict=True)))
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+                except RedisConnectionError:
+                    # redis-py does not retry a WATCHed transaction itself. After a server
+                    # restart the pool still holds dead connections, so try once more on a
+                    # fresh one; the writes are whole records, repeating them is harmless.
+                    if reconnected:
+                        raise
+                    reconnected = True
+        raise StoreError(
+            f"Redis at {redact_url(self.url)}: another writer kept changing the same users; "
+            f"gave up after {_WATCH_ATTEMPTS} attempts"
+        )
+
+    async def _get_activity(
+        self, user_id: str, limit: int | None, since: int | None
+    ) -> list[Activity]:
+        if limit is not None and limit <= 0:
+            return []
+        client = self.client
+        key = self.activity_key(user_id)
+        page = _PAGE if limit is None else max(1, min(limit, _PAGE))
+        selected: list[Activity] = []
+        upper = "+"
+        while True:
+            rows: list[Any] = await client.xrevrange(key, max=upper, min="-", count=page) or []
+            wanted = None if limit is None else limit - len(selected)
+            selected += select_activity(self._decode(user_id, rows), wanted, since)
+            if len(rows) < page or (limit is not None and len(selected) >= limit):
+                return selected
+            upper = f"({_text(rows[-1][0])}"
+
+    def _decode(self, user_id: str, rows: Iterable[Any]) -> Iterable[Activity]:
+        for entry_id, fields in rows:
+            try:
+                yield Activity.model_validate_json(fields.get(_ENTRY_FIELD, ""))
+            except ValidationError as exc:
+                log.warning(
+                    "skipping unreadable activity %s of %r in Redis at %s: %s", entry_id,
+                    user_id, redact_url(self.url), exc.errors(include_url=False)[:3],
+                )
+
+
+def _text(value: bytes | str) -> str:
+    """Replies are ``str`` (``decode_responses=True``); redis-py's hints also allow bytes."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _device_ids(encoded: str | None) -> list[str]:
+    """The record's device ids in order, from the user hash's ``devices`` field."""
+    try:
+        listed = json.loads(encoded) if encoded else []
+    except ValueError:
+        return []
+    if not isinstance(listed, list):
+        return []
+    return list(dict.fromkeys(d for d in listed if isinstance(d, str)))
