@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import ssl
 from collections import deque
@@ -49,6 +50,8 @@ from hub.service import PresenceError, PresenceService
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:1883"
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
 HUB_CLIENT_ID = "presence-hub"
 
 
@@ -321,13 +324,15 @@ class PahoTransport:
             if tls_insecure:
                 client.tls_insecure_set(True)
         client.will_set(hub.topics.hub_status, b"offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        self._failures = 0
         client.on_message = self._on_message
         self.client = client
         self.keepalive = keepalive
+        self._next_backoff()
 
     async def start(self) -> None:
         log.info("connecting to MQTT broker %s as %s", self.url, self.client._client_id.decode())
@@ -352,11 +357,29 @@ class PahoTransport:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
     # paho thread ------------------------------------------------------------------------------
+    def _next_backoff(self) -> float:
+        """Exponential backoff with jitter (paho's own has none), for paho's next reconnect.
+
+        Half of the delay is random ("equal jitter"), so many hubs and agents that lost the
+        same broker do not all knock on it at the same instant.
+        """
+        base = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** min(self._failures, 10))
+        delay = random.uniform(base / 2, base)
+        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        self._failures += 1
+        return delay
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        delay = self._next_backoff()
+        log.warning("cannot reach the broker %s; retrying in %.1f s", self.url, delay)
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
                     props: Any = None) -> None:
         if rc.is_failure:
             log.error("broker %s refused the hub: %s", self.url, rc)
+            self._next_backoff()
             return
+        self._failures = 0
         log.info("hub connected to %s (session present: %s)", self.url, flags.session_present)
         client.subscribe(self.hub.topics.device_filter, qos=1)
         client.publish(self.hub.topics.hub_status, b"online", qos=1, retain=True)
@@ -366,7 +389,8 @@ class PahoTransport:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
                        props: Any = None) -> None:
         if rc.is_failure:
-            log.warning("hub lost the broker %s (%s); reconnecting", self.url, rc)
+            delay = self._next_backoff()
+            log.warning("hub lost the broker %s (%s); reconnecting in %.1f s", self.url, rc, delay)
         self.loop.call_soon_threadsafe(self._disconnected)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -46,9 +46,11 @@ from hub.protocol import (
     ID_FIELD_PATTERN,
     MAX_PAYLOAD_BYTES,
     DeviceMessage,
+    DeviceTopic,
     Rejection,
     Topics,
     UserStatePayload,
+    decode_payload,
     validate_id,
 )
 from hub.store import ActivityLimits, MemoryStore, Store
@@ -99,6 +101,37 @@ class ServiceConfig:
     #: how often dirty state and new activity are written to the store
     flush_interval_ms: int = 1000
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    #: per-device message rate (sustained messages/s and burst); None turns the limit off
+    device_rate: float | None = 20.0
+    device_burst: int = 100
+
+
+class RateLimiter:
+    """A token bucket per device, O(1) per message: a flooding device is throttled alone."""
+
+    __slots__ = ("_buckets", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[tuple[str, str], list[float]] = {}
+
+    def allow(self, user: str, device: str, now: int) -> bool:
+        key = (user, device)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [self.burst - 1.0, float(now)]
+            return True
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate / 1000.0)
+        bucket[1] = float(now)
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def forget(self, user: str, device: str) -> None:
+        self._buckets.pop((user, device), None)
 
 
 Callback = Callable[..., Any]
@@ -121,6 +154,11 @@ class PresenceService:
         self.topics = Topics(config.prefix)
         #: rejected input by reason (``bad_payload``, ``unknown_topic``, ...)
         self.rejected: Counter[str] = Counter()
+        self._last_reject_log: dict[str, tuple[int, int]] = {}
+        self._limiter = (
+            RateLimiter(config.device_rate, config.device_burst)
+            if config.device_rate is not None else None
+        )
         self._sinks: list[Sink] = []
         self._callbacks: dict[str, list[tuple[Callback, int]]] = {n: [] for n in EVENT_NAMES}
         self._pending_activity: dict[str, list[Activity]] = {}
@@ -359,17 +397,31 @@ class PresenceService:
         """Apply a batch of raw MQTT messages; return how many were rejected.
 
         Bad topics and payloads are dropped with a counted, logged reason and change nothing.
+        The topic is checked first (cheap), then the device's rate limit, and only then is the
+        payload parsed, so a flooding device costs little and cannot starve the others.
         """
         rejected = 0
         now = self.clock.now()
         engine = self.engine
-        parse = self.topics.parse
+        where_of = self.topics.parse_device_topic
         limit = self.config.max_payload_bytes
+        limiter = self._limiter
         for topic, payload in messages:
-            msg = parse(topic, payload, limit)
+            where = where_of(topic)
+            if type(where) is Rejection:
+                rejected += 1
+                self._reject(where, now)
+                continue
+            assert isinstance(where, DeviceTopic)
+            if limiter is not None and not limiter.allow(where.user, where.device, now):
+                rejected += 1
+                self._reject(Rejection("rate_limited", f"{where.user}/{where.device} sends "
+                             f"more than {limiter.rate:g} messages/s"), now)
+                continue
+            msg = decode_payload(where, payload, limit)
             if type(msg) is Rejection:
                 rejected += 1
-                self._reject(msg)
+                self._reject(msg, now)
                 continue
             assert isinstance(msg, DeviceMessage)
             if msg.kind == "req":
@@ -380,20 +432,30 @@ class PresenceService:
                     effects = engine.handle(event, now)
                 except EngineError as exc:
                     rejected += 1
-                    self._reject(Rejection("refused", f"{msg.user}/{msg.device}: {exc}"))
+                    self._reject(Rejection("refused", f"{msg.user}/{msg.device}: {exc}"), now)
                     continue
                 if effects:
                     self._apply(effects)
         self._poke()
         return rejected
 
-    def _reject(self, why: Rejection) -> None:
+    def _reject(self, why: Rejection, now: int) -> None:
+        """Count every drop; log at most one line per reason per second (a flood of junk must
+        not become a flood of log lines)."""
         self.rejected[why.reason] += 1
-        log.warning("dropped message: %s", why)
+        last = self._last_reject_log.get(why.reason)
+        if last is not None and now - last[0] < 1000:
+            self._last_reject_log[why.reason] = (last[0], last[1] + 1)
+            return
+        suppressed = last[1] if last is not None else 0
+        more = f" ({suppressed} more dropped for this reason in the last second)" if suppressed else ""
+        log.warning("dropped message: %s%s", why, more)
+        self._last_reject_log[why.reason] = (now, 0)
 
     def _request(self, msg: DeviceMessage) -> None:
         if self._request_handler is None:
-            self._reject(Rejection("no_handler", "request received but no command handler"))
+            self._reject(Rejection("no_handler", "request received but no command handler"),
+                         self.clock.now())
             return
         task = asyncio.ensure_future(self._request_handler(msg))
         self._tasks.add(task)
@@ -559,6 +621,11 @@ def create_presence_service(
     broker: str | None = None,
     clock: Clock | None = None,
     flush_interval_ms: int = 1000,
+    device_rate: float | None = 20.0,
+    device_burst: int = 100,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_devices_per_user: int = 64,
+    max_custom_status: int = 256,
     **hub_options: Any,
 ) -> PresenceService:
     """Build a presence service: in-process by default, the hub on MQTT when given a broker.
@@ -567,6 +634,10 @@ def create_presence_service(
     :class:`~hub.store.Store`. ``broker`` is ``None`` (no MQTT), ``"embedded"`` (an amqtt broker
     in this process), ``"auto"`` or an ``mqtt://``/``mqtts://`` URL; ``hub_options`` go to the
     MQTT side (listen address, credentials, ...).
+
+    Limits: ``device_rate``/``device_burst`` (messages per second a device may send, sustained
+    and in a burst; ``None`` for no limit), ``max_payload_bytes``, ``max_devices_per_user``,
+    ``max_custom_status`` (characters), ``activity_limit``/``activity_max_age_ms`` per user.
     """
     try:
         engine_config = EngineConfig(
@@ -574,6 +645,8 @@ def create_presence_service(
             away_after_ms=away_after_ms,
             offline_after_ms=offline_after_ms,
             heartbeat_timeout_ms=heartbeat_timeout_ms,
+            max_devices_per_user=max_devices_per_user,
+            max_custom_status=max_custom_status,
         )
     except ValueError as exc:
         raise PresenceError(str(exc)) from None
@@ -587,7 +660,8 @@ def create_presence_service(
     else:
         store = storage
     config = ServiceConfig(
-        engine=engine_config, prefix=prefix, flush_interval_ms=flush_interval_ms
+        engine=engine_config, prefix=prefix, flush_interval_ms=flush_interval_ms,
+        max_payload_bytes=max_payload_bytes, device_rate=device_rate, device_burst=device_burst,
     )
     service = PresenceService(config, store=store, clock=clock)
     if broker is not None:

@@ -262,3 +262,14 @@ def test_mosquitto_restart_devices_reconnect_and_no_user_flaps(world: World) -> 
     assert "offline" not in world.watcher.statuses_seen("ivy")
     events = [json.loads(e)["new"] for e in world.watcher.got("presence/events/ivy")]
     assert "offline" not in events
+
+
+def test_a_retained_birth_of_a_device_that_sends_nothing_times_out(world: World) -> None:
+    if world.kind == "embedded":
+        pytest.skip("the retained birth must outlive the hub: needs an external broker")
+    world.hub.stop()
+    ghost = world.device("kim", "tablet").online()  # birth retained, then a clean socket close
+    ghost.disconnect()  # no clean offline and no will: the broker keeps "online" retained
+    world.hub.start()
+    world.watcher.wait_status("kim", "online")  # reconciled from the retained birth ...
+    world.watcher.wait_status("kim", "offline", timeout=5)  # ... and taken offline by timeout

@@ -293,3 +293,17 @@ async def test_the_clock_task_fires_timers_on_real_time() -> None:
 
 async def _eq(value: object, expected: str) -> bool:
     return await value == expected  # type: ignore[misc]
+
+
+async def test_a_flooding_device_is_throttled_alone(clock: FakeClock) -> None:
+    async with make(clock, device_rate=10.0, device_burst=20) as p:
+        p.ingest([("presence/devices/u/calm/conn", b'{"state":"online","session":"c1"}')])
+        flood = [("presence/devices/u/noisy/heartbeat", b'{"session":"n1"}')] * 500
+        rejected = p.ingest(flood)
+        assert rejected == 480  # the burst passes, the rest is dropped unparsed
+        assert p.stats()["rejected"] == {"rate_limited": 480}
+        clock.advance(1000)  # a second later the device has 10 more tokens
+        assert p.ingest(flood[:15]) == 5
+        assert p.ingest([("presence/devices/u/calm/heartbeat", b'{"session":"c1"}')]) == 0
+        assert {d.id: d.status for d in await p.get_devices("u")} == {
+            "calm": "online", "noisy": "online"}
