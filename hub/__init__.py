@@ -33,7 +33,19 @@ _EXPORTS = {
     "create_presence_service": "hub.service",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Activity",
+    "CommandResult",
+    "DeviceInfo",
+    "OnlineUser",
+    "PresenceError",
+    "PresenceService",
+    "SyncStatus",
+    "UserStatus",
+    "create_presence_service",
+    "handle_command",
+    "run_command",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,6 @@ all). ``P/hub/status`` is ``online`` while the hub runs, with ``offline`` as its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -224,44 +223,20 @@ class EmbeddedTransport:
         self.broker = EmbeddedBroker(
             host, port, on_message=self._on_message, allow_anonymous=allow_anonymous
         )
-        self._queue: deque[tuple[str, bytes, int, bool]] = deque()
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
         self._conn_suffix = "/conn"
 
     async def start(self) -> None:
         await self.broker.start()
-        self._writer = asyncio.create_task(self._write(), name="presence-embedded-publisher")
-        t = self.hub.topics
-        self.publish(t.hub_status, b"online", 1, True)
+        self.publish(self.hub.topics.hub_status, b"online", 1, True)
         self.hub.republish_all()
 
     async def stop(self) -> None:
-        self.publish(self.hub.topics.hub_status, b"offline", 1, True)
-        await self._drain_queue()
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        # the broker dies with the hub: the retained "offline" is for clients still connected
+        await self.broker.publish(self.hub.topics.hub_status, b"offline", 1, True)
         await self.broker.stop()
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        self._queue.append((topic, payload, qos, retain))
-        self._wake.set()
-
-    async def _drain_queue(self) -> None:
-        while self._queue:
-            topic, payload, qos, retain = self._queue.popleft()
-            try:
-                await self.broker.publish(topic, payload, qos, retain)
-            except Exception:
-                log.exception("publish to %s failed", topic)
-
-    async def _write(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._drain_queue()
+        self.broker.publish_nowait(topic, payload, qos, retain)
 
     def _on_message(
         self, topic: str, payload: bytes, qos: int, retain: bool, client_id: str | None

@@ -46,17 +46,15 @@ def _read_retained(port: int, topic: str) -> bytes | None:
         elif msg.retain:
             got[msg.topic] = msg.payload
 
-    def on_subscribe(c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
-        if mid == sub_mid[0]:
-            c.publish(marker, b"x", qos=1)
+    def on_subscribe(c: mqtt.Client, *_args: object) -> None:
+        c.publish(marker, b"x", qos=1)  # our only SUBSCRIBE has been acknowledged
 
     client = _client(port)
     client.on_message = on_message
     client.on_subscribe = on_subscribe
-    sub_mid = [0]
     client.loop_start()
     try:
-        _, sub_mid[0] = client.subscribe([(topic, 1), (marker, 1)])
+        client.subscribe([(topic, 1), (marker, 1)])
         assert done.wait(5), "no marker back from the broker"
     finally:
         client.disconnect()
@@ -141,13 +139,14 @@ def test_extra_conf_is_applied(mosquitto_factory: Callable[..., MosquittoProcess
     codes: list[object] = []
     client.on_connect = lambda _c, _u, _f, rc, _p: codes.append(rc)
     client.connect("127.0.0.1", proc.port)
-    client.loop_start()
     try:
-        wait_for(lambda: codes, what="CONNACK")
+        wait_for(lambda: client.loop(timeout=0.05) is not None and codes, what="CONNACK")
         assert codes[0].is_failure  # type: ignore[attr-defined]
     finally:
         client.disconnect()
-        client.loop_stop()
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
 
 
 def test_start_on_a_taken_port_fails_with_the_reason() -> None:
@@ -189,3 +188,20 @@ def test_missing_binary_skips_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="no-such-broker not installed"):
         find_binary("no-such-broker", "apt-get install no-such-broker")
+
+
+def test_sigterm_stop_publishes_wills_and_keeps_retained_ones(mosquitto: MosquittoProcess) -> None:
+    # A fact of Mosquitto 2.0 that restart tests must expect: a clean broker stop is, for
+    # every client still connected, a lost connection.
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="procs-will")
+    device.will_set("procs/will", b"lost", qos=1, retain=True)
+    device.connect("127.0.0.1", mosquitto.port)
+    try:
+        wait_for(lambda: device.loop(timeout=0.02) is not None and device.is_connected(),
+                 what="device connected")
+        mosquitto.restart()  # the device's socket is still open while Mosquitto stops
+    finally:
+        sock = device.socket()
+        if sock is not None:
+            sock.close()
+    assert _read_retained(mosquitto.port, "procs/will") == b"lost"

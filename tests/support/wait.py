@@ -26,7 +26,7 @@ def wait_for(
 
 async def async_wait_for(
     condition: Callable[[], T | Awaitable[T]],
-    timeout: float = 5.0,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a deadline for polling, not an I/O timeout
     what: str = "condition",
     interval: float = 0.01,
 ) -> T:
