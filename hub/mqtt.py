@@ -32,7 +32,8 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.broker import BrokerError, EmbeddedBroker
+from hub.auth import CredentialStore
+from hub.broker import BrokerError, EmbeddedBroker, TlsListener
 from hub.engine import DeviceTimedOut, EmitEvent
 from hub.protocol import (
     DeviceMessage,
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:1883"
 RECONNECT_MIN_S = 0.5
+#: unacked QoS 1 messages that trigger an early flush (half Mosquitto's default in-flight 20)
+ACK_WINDOW = 10
 RECONNECT_MAX_S = 30.0
 HUB_CLIENT_ID = "presence-hub"
 
@@ -215,13 +218,33 @@ class MqttHub:
 # ---------------------------------------------------------------------- embedded broker
 
 
-class EmbeddedTransport:
-    """Runs an :class:`EmbeddedBroker` and feeds the service from its plugin, in-loop."""
+#: Room for the topic and headers above the payload limit before a packet closes the connection
+#: (payloads between the two are dropped by the hub, counted as ``too_large``).
+PACKET_HEADROOM = 64 * 1024
 
-    def __init__(self, hub: MqttHub, host: str, port: int, *, allow_anonymous: bool = True):
+
+class EmbeddedTransport:
+    """Runs an :class:`EmbeddedBroker` and feeds the service from its plugin, in-loop.
+
+    ``credentials`` (a :class:`~hub.auth.CredentialStore`), ``allow_anonymous`` and ``tls`` go
+    to the broker (see :class:`~hub.broker.EmbeddedBroker` for what they mean).
+    """
+
+    def __init__(
+        self,
+        hub: MqttHub,
+        host: str,
+        port: int,
+        *,
+        allow_anonymous: bool | None = None,
+        credentials: CredentialStore | None = None,
+        tls: TlsListener | None = None,
+    ):
         self.hub = hub
         self.broker = EmbeddedBroker(
-            host, port, on_message=self._on_message, allow_anonymous=allow_anonymous
+            host, port, on_message=self._on_message, allow_anonymous=allow_anonymous,
+            credentials=credentials, prefix=hub.topics.prefix, tls=tls,
+            max_packet_bytes=hub.service.config.max_payload_bytes + PACKET_HEADROOM,
         )
         self._conn_suffix = "/conn"
 
@@ -396,10 +419,12 @@ class PahoTransport:
         batch: list[tuple[str, bytes]] = []
         acks = self._unacked
         hold = self.will_hold_ms > 0
+        ack_now: list[tuple[int, int]] = []
         while inbox:
             topic, payload, mid, qos = inbox.popleft()
             if qos:
-                acks.append((mid, qos))
+                # a request needs no persistence: ack it at once; the rest after their flush
+                (ack_now if topic.endswith("/req") else acks).append((mid, qos))
             if hold and topic.endswith("/conn") and b'"offline"' in payload:
                 self._hold(topic, payload)
                 continue
@@ -407,6 +432,12 @@ class PahoTransport:
         if batch:
             self.ingested += len(batch)
             self.hub.service.ingest(batch)
+        for mid, qos in ack_now:
+            self.client.ack(mid, qos)
+        if len(acks) >= ACK_WINDOW:
+            # the broker stops sending QoS 1 at its in-flight limit (Mosquitto: 20) until we
+            # ack: flush now rather than at the next period so they do not stall
+            self.hub.service.request_flush()
 
     def _hold(self, topic: str, payload: bytes) -> None:
         """Keep an offline ``conn`` back for ``will_hold_ms``.
@@ -450,14 +481,33 @@ def attach_mqtt(
     client_id: str = HUB_CLIENT_ID,
     ca_file: str | None = None,
     tls_insecure: bool = False,
-    allow_anonymous: bool = True,
+    allow_anonymous: bool | None = None,
+    credentials: str | CredentialStore | None = None,
+    tls_listen: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> MqttHub:
     """Put ``service`` on MQTT: ``broker`` is ``embedded``, ``auto`` or an MQTT URL.
 
     ``auto`` uses a broker that already answers on ``listen``, else starts the embedded one
     there, and logs which.
+
+    For the embedded broker: ``credentials`` is the accounts file (or store); as soon as it
+    holds an account, clients must log in and each may touch only its own topics.
+    ``allow_anonymous`` (None: only while there are no accounts) and the TLS listener
+    (``tls_listen`` HOST:PORT with ``tls_cert``/``tls_key`` PEM files) as in ``presence-hub``.
+    For an external broker, the hub's own login is in the URL (``mqtt://user:pass@host``) and
+    ``ca_file``/``tls_insecure`` apply to ``mqtts://``.
     """
     host, port = parse_listen(listen)
+    tls: TlsListener | None = None
+    if tls_listen or tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise PresenceError("a TLS listener needs both a certificate and a key file "
+                                "(--tls-cert and --tls-key)")
+        tls_host, tls_port = parse_listen(tls_listen or f"{host}:8883")
+        tls = TlsListener(tls_host, tls_port, tls_cert, tls_key)
+    store = CredentialStore(credentials) if isinstance(credentials, str) else credentials
     if broker == "auto":
         if broker_answers(host, port):
             log.info("a broker answers on %s:%d: the hub connects to it", host, port)
@@ -468,7 +518,8 @@ def attach_mqtt(
     if broker == "embedded":
 
         def factory(hub: MqttHub) -> Any:
-            return EmbeddedTransport(hub, host, port, allow_anonymous=allow_anonymous)
+            return EmbeddedTransport(hub, host, port, allow_anonymous=allow_anonymous,
+                                     credentials=store, tls=tls)
 
     else:
         url = BrokerURL.parse(broker)

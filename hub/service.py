@@ -174,6 +174,7 @@ class PresenceService:
         self._extras: list[Any] = []  # owned resources closed on stop (transport, broker)
         #: None: timers run; _PAUSED: broker link down; a time: they resume then
         self._timers_paused_until: int | None = None
+        self._flush_requested = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -282,7 +283,7 @@ class PresenceService:
             wake_at = next_flush if due is None else min(due, next_flush)
             self._wake_at = wake_at
             delay = max(0.0, (wake_at - now) / 1000)
-            if delay > 0:
+            if delay > 0 and not self._flush_requested:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -290,7 +291,8 @@ class PresenceService:
             try:
                 if not self._timers_paused(now):
                     self._apply(self.engine.tick(now))
-                if now >= next_flush:
+                if now >= next_flush or self._flush_requested:
+                    self._flush_requested = False
                     next_flush = now + interval
                     await self.flush()
             except asyncio.CancelledError:
@@ -307,6 +309,12 @@ class PresenceService:
         due = self.engine.next_deadline()
         if due is not None and (self._wake_at is None or due < self._wake_at):
             self._wake_at = due
+            self._wake.set()
+
+    def request_flush(self) -> None:
+        """Flush as soon as the clock task runs (a transport waits on it to ack messages)."""
+        self._flush_requested = True
+        if self._wake is not None:
             self._wake.set()
 
     async def tick(self) -> None:
