@@ -1,0 +1,1 @@
+"""Benchmarks of mqtt-presence, run as ``python -m bench.<name>``."""

@@ -1,0 +1,259 @@
+"""``python -m bench``: end-to-end figures of the hub (issue #6), each with its baseline.
+
+Everything runs on 127.0.0.1 against processes this benchmark starts and stops itself: its own
+Mosquitto (configured to drop nothing), ``presence-hub`` as a real process (CPU and RSS from
+/proc), a bare paho subscriber as the ingest baseline. Scenarios:
+
+* ``engine``   the sans-I/O engine alone (bench.engine), the ceiling for everything else;
+* ``ingest``   ``ingest_ratio``: heartbeats/s the hub sustains over a bare paho subscriber's;
+* ``steady``   N devices on 30 s heartbeats: hub CPU share and RSS per device; will latency
+               of real device connections killed under that load;
+* ``storm``    restart with N devices in TinyDB (ready, all retained state republished), then
+               all of them fall silent at once: offline published how long past the deadline;
+* ``embedded`` the most agent-like devices the embedded amqtt broker holds under 50% CPU.
+
+``--quick`` (what ``make bench`` runs) shrinks every scenario to fit about 3 minutes and says
+so in the table; the full run uses the sizes of the issue's targets and takes much longer.
+The last line of output is ``BENCH {json}`` with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench import embedded, ingest, steady, storm
+from bench.infra import Mosquitto
+
+SCENARIOS = ("engine", "ingest", "steady", "storm", "embedded")
+
+#: target name -> (figure key, comparison, bound, unit, shown as)
+TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
+    ("ingest_ratio >= 0.8", "ingest_ratio", ">=", 0.8, ""),
+    ("steady CPU < 60% of a core", "steady_cpu", "<", 0.6, ""),
+    ("RSS per device <= 1 KiB", "steady_rss_per_device_b", "<=", 1024, " B"),
+    ("storm p99 <= 1 s past deadline", "storm_p99_s", "<=", 1.0, " s"),
+    ("will latency p99 <= 50 ms", "will_p99_ms", "<=", 50.0, " ms"),
+    ("restart ready+republished <= 10 s", "restart_republished_s", "<=", 10.0, " s"),
+    ("embedded holds >= 10k devices", "embedded_max_devices", ">=", 10_000, ""),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[2:]))
+    p.add_argument("--quick", action="store_true", help="small sizes, about 3 minutes in all")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for the test suite)")
+    p.add_argument("--only", default=",".join(SCENARIOS),
+                   help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})")
+    p.add_argument("--ingest-devices", type=int, help="devices in the ingest fleet")
+    p.add_argument("--sustain", type=float, help="seconds a rate must hold in the ingest search")
+    p.add_argument("--steady-devices", help="comma-separated N for the steady scenario")
+    p.add_argument("--steady-window", type=float, help="seconds of the steady CPU window")
+    p.add_argument("--storm-devices", type=int, help="devices in the TinyDB restart and storm")
+    p.add_argument("--embedded-steps", help="comma-separated device counts for the embedded search")
+    p.add_argument("--kills", type=int, help="will-latency kills")
+    p.add_argument("--hub-root", help="run the hub from this checkout (to measure a patch)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    return p
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        cfg: dict[str, Any] = dict(
+            ingest=ingest.IngestParams(devices=200, sustain_s=1.0, start_rate=2000, bisect=0,
+                                       max_rate=4000),
+            steady=[steady.SteadyParams(devices=400, ramp_s=1.0, window_s=1.0, kills=3)],
+            storm=storm.StormParams(devices=200, min_heartbeat_s=0.4),
+            embedded=embedded.EmbeddedParams(steps=(20, 40), window_s=1.0),
+            engine=2_000, mode="smoke")
+    elif args.quick:
+        cfg = dict(
+            ingest=ingest.IngestParams(devices=6_000, sustain_s=3.0, bisect=2),
+            steady=[steady.SteadyParams(devices=20_000, ramp_s=30.0, window_s=8.0, kills=50)],
+            storm=storm.StormParams(devices=10_000),
+            embedded=embedded.EmbeddedParams(steps=(500, 1000, 2000, 3000, 4000, 6000, 8000, 10000),
+                                             window_s=6.0),
+            engine=20_000, mode="quick")
+    else:
+        cfg = dict(
+            ingest=ingest.IngestParams(devices=20_000, sustain_s=30.0, bisect=3),
+            steady=[steady.SteadyParams(devices=n, ramp_s=max(30.0, n / 2000), window_s=30.0)
+                    for n in (100_000, 1_000_000)],
+            storm=storm.StormParams(devices=100_000),
+            embedded=embedded.EmbeddedParams(window_s=30.0),
+            engine=1_000_000, mode="full")
+    if args.ingest_devices:
+        cfg["ingest"].devices = args.ingest_devices
+    if args.sustain:
+        cfg["ingest"].sustain_s = args.sustain
+    if args.steady_devices:
+        base = cfg["steady"][0]
+        cfg["steady"] = [steady.SteadyParams(devices=int(n), ramp_s=max(base.ramp_s, int(n) / 2000),
+                                             window_s=base.window_s, kills=base.kills)
+                         for n in args.steady_devices.split(",")]
+    for s in cfg["steady"]:
+        if args.steady_window:
+            s.window_s = args.steady_window
+        if args.kills is not None:
+            s.kills = args.kills
+    if args.storm_devices:
+        cfg["storm"].devices = args.storm_devices
+    if args.embedded_steps:
+        cfg["embedded"].steps = tuple(int(n) for n in args.embedded_steps.split(","))
+    return cfg
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def _loadavg() -> float:
+    with open("/proc/loadavg") as fh:
+        return float(fh.read().split()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenario(s) {', '.join(sorted(unknown))}: use {', '.join(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    cfg = _config(args)
+    figures: dict[str, float] = {"cpus": float(os.cpu_count() or 0)}
+    root = args.hub_root
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    log(f"bench ({cfg['mode']}): {', '.join(only)}"
+        + (f"; hub from {root}" if root else "") + f"; load average {_loadavg():.2f}")
+    began = time.monotonic()
+    steps: list[tuple[str, Callable[[], dict[str, float]]]] = []
+    if "engine" in only:
+        from bench import engine as engine_bench
+
+        def run_engine() -> dict[str, float]:
+            r = engine_bench.run(cfg["engine"])
+            return {f"engine_{k}": v for k, v in r.items()}
+
+        steps.append(("engine", run_engine))
+    if "ingest" in only:
+        def run_ingest() -> dict[str, float]:
+            with Mosquitto() as mosq:
+                return ingest.run(mosq, cfg["ingest"], log, root)
+
+        steps.append(("ingest", run_ingest))
+    if "steady" in only:
+        def run_steady() -> dict[str, float]:
+            out: dict[str, float] = {}
+            for i, sp in enumerate(cfg["steady"]):
+                with Mosquitto() as mosq:
+                    r = steady.run(mosq, sp, log, root)
+                suffix = "" if i == 0 else f"_{sp.devices}"
+                out.update({k + suffix: v for k, v in r.items()})
+            return out
+
+        steps.append(("steady", run_steady))
+    if "storm" in only:
+        steps.append(("storm", lambda: storm.run(cfg["storm"], log, root)))
+    if "embedded" in only:
+        steps.append(("embedded", lambda: embedded.run(cfg["embedded"], log, root)))
+    failed = []
+    for name, fn in steps:
+        t0 = time.monotonic()
+        log(f"[{name}]")
+        try:
+            figures.update(fn())
+        except Exception as exc:  # one failed scenario must not hide the others' figures
+            failed.append(name)
+            log(f"  {name} FAILED: {type(exc).__name__}: {exc}")
+        figures[f"{name}_seconds"] = time.monotonic() - t0
+        figures[f"{name}_loadavg"] = _loadavg()
+    figures["total_seconds"] = time.monotonic() - began
+    _table(figures, cfg, log)
+    figures = {k: (None if isinstance(v, float) and math.isnan(v) else v)  # type: ignore[misc]
+               for k, v in figures.items()}
+    line = json.dumps({"mode": cfg["mode"], "failed": failed, **figures}, sort_keys=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(line + "\n")
+    print("BENCH " + line, flush=True)
+    return 1 if failed else 0
+
+
+def _table(f: dict[str, float], cfg: dict[str, Any], log: Callable[[str], None]) -> None:
+    mode = cfg["mode"]
+    log("")
+    log(f"{'figure':<44} {'value':>12}  baseline / note")
+    log("-" * 96)
+
+    def row(label: str, key: str, note: str = "") -> None:
+        if key in f:
+            log(f"{label:<44} {_fmt(f[key]):>12}  {note}")
+
+    row("engine heartbeats/s (no I/O)", "engine_heartbeats_sustained_per_s",
+        f"{_fmt(f.get('engine_devices', 0))} devices; the ceiling")
+    row("ingest: hub sustained heartbeats/s", "ingest_hub_sustained",
+        f"cpu {_fmt(f.get('ingest_hub_cpu', math.nan))} of a core")
+    row("ingest: bare paho sustained msgs/s", "ingest_bare_sustained",
+        f"baseline, same broker/payloads; cpu {_fmt(f.get('ingest_bare_cpu', math.nan))}")
+    row("ingest_ratio", "ingest_ratio",
+        f"{_fmt(f.get('ingest_devices', 0))} devices, {_fmt(f.get('ingest_sustain_s', 0))} s "
+        f"per rate{' (quick: 30 s in full runs)' if mode != 'full' else ''}")
+    for key in sorted(k for k in f if k.startswith("steady_devices")):
+        sfx = key[len("steady_devices"):]
+        n = f[key]
+        row(f"steady {int(n):,} dev: hub CPU (share of 1 core)", "steady_cpu" + sfx,
+            f"offered {_fmt(n / 30)} hb/s; max marker lag "
+            f"{_fmt(f.get('steady_lag_max_s' + sfx, math.nan))} s")
+        row(f"steady {int(n):,} dev: RSS per device (B)", "steady_rss_per_device_b" + sfx,
+            f"idle hub {_fmt(f.get('steady_idle_rss_mb' + sfx, math.nan))} MB, "
+            f"now {_fmt(f.get('steady_rss_mb' + sfx, math.nan))} MB")
+        row(f"steady {int(n):,} dev: all up after (s)", "steady_births_s" + sfx,
+            "implicit births through the hub")
+        row("will latency p50 (ms)", "will_p50_ms" + sfx,
+            f"socket RST -> retained offline state; the will alone reached a subscriber in "
+            f"{_fmt(f.get('will_broker_p50_ms' + sfx, math.nan))} ms")
+        row("will latency p99 (ms)", "will_p99_ms" + sfx,
+            f"max {_fmt(f.get('will_max_ms' + sfx, math.nan))} ms; includes the 25 ms hold")
+    row("restart: ready (s)", "restart_ready_s",
+        f"{_fmt(f.get('restart_devices', 0))} devices in TinyDB "
+        f"({_fmt(f.get('restart_db_mb', math.nan))} MB)")
+    row("restart: all retained republished (s)", "restart_republished_s", "")
+    row("storm: offline p50 past deadline (s)", "storm_p50_s",
+        f"{_fmt(f.get('storm_devices', 0))} devices at once, heartbeat "
+        f"{_fmt(f.get('storm_heartbeat_s', math.nan))} s")
+    row("storm: offline p99 past deadline (s)", "storm_p99_s",
+        f"max {_fmt(f.get('storm_max_s', math.nan))} s")
+    row("embedded: max devices under 50% CPU", "embedded_max_devices",
+        f"{_fmt(f.get('embedded_kib_per_device', math.nan))} KiB/device")
+    log("-" * 96)
+    for label, key, op, bound, unit in TARGETS:
+        if key not in f or (isinstance(f[key], float) and math.isnan(f[key])):
+            continue
+        v = f[key]
+        ok = {"<": v < bound, "<=": v <= bound, ">=": v >= bound}[op]
+        log(f"target {label:<40} {_fmt(v)}{unit:<4} {'MET' if ok else 'NOT MET'}"
+            + ("" if mode == "full" else f" ({mode} sizes)"))
+    log(f"total {f.get('total_seconds', 0):.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Restart with N devices in TinyDB, and the timeout storm when N devices fall silent at once.
+
+The TinyDB file is written directly (``TinyDBStore.save_users`` of ``UserRecord``s: users
+``u{k}`` with devices ``d0``/``d1``, all connected and online), which is what a hub that was
+stopped with a busy fleet leaves behind.
+
+Restart: the hub starts on a fresh Mosquitto, an observer subscribed to ``P/users/+/state``
+from before. ``restart_ready_s`` is spawn to banner (store loaded, broker connected);
+``restart_republished_s`` is spawn to the last user's retained state arriving.
+
+Storm: on load the hub gives every connected device one heartbeat timeout of grace from the
+same ``now``, so all N devices' deadlines fall on the same millisecond: the worst case of a
+fleet falling silent at once. Nobody heartbeats. For each user, the deadline is read from the
+retained state itself (``max(devices[].lastSeen) + timeout``: lastSeen is the hub's load time),
+and the latency is the arrival of the user's retained ``offline`` on ``P/users/{u}/status``
+minus that deadline: p50, p99, max. The heartbeat interval is chosen so that the deadline
+comes after the start-up republish has finished (timeout >= 1.5 x the restart's republish
+time), else the storm would queue behind the republish and measure that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.fleet import user_count
+from bench.infra import BenchError, HubProcess, Mosquitto, Observer, percentile, wait_until
+
+
+@dataclass
+class StormParams:
+    devices: int = 20_000
+    min_heartbeat_s: float = 2.0
+
+
+async def _write_db(path: Path, devices: int) -> None:
+    from hub.models import DeviceRecord, UserRecord
+    from hub.store_tinydb import TinyDBStore
+
+    now = int(time.time() * 1000) - 1000
+    users = []
+    for k in range(user_count(devices)):
+        devs = [DeviceRecord(id=f"d{j}", name=f"d{j}", session=f"s{k}x{j}", connected=True,
+                             status="online", last_seen=now, last_interaction=now)
+                for j in range(2) if 2 * k + j < devices]
+        users.append(UserRecord(id=f"u{k}", name=f"u{k}", status="online", active_device="d0",
+                                version=1, devices=devs))
+    store = TinyDBStore(path)
+    await store.open()
+    await store.save_users(users)
+    await store.close()
+
+
+def write_db(path: Path, devices: int) -> float:
+    began = time.monotonic()
+    asyncio.run(_write_db(path, devices))
+    return time.monotonic() - began
+
+
+def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None],
+             hub_root: str | None, storm: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with Mosquitto() as mosq, \
+            Observer("127.0.0.1", mosq.port, ["presence/users/+/state", "presence/users/+/status"]) as obs:
+        hb_ms = int(heartbeat_s * 1000)
+        args = ["--broker", mosq.url, "--storage", "tinydb", "--db", str(db),
+                "--heartbeat-interval", f"{hb_ms}ms"]
+        with HubProcess(args, root=hub_root) as hub:
+            out["ready_s"] = hub.ready_at - hub.started_at  # type: ignore[operator]
+            state_prefix = "presence/users/"
+
+            def republished() -> bool:
+                if not hub.alive():
+                    raise BenchError("hub died while republishing")
+                n = sum(1 for t in obs.snapshot() if t.startswith(state_prefix) and t.endswith("/state"))
+                return n >= users
+
+            wait_until(republished, 1800, "all retained state republished", 0.05)
+            last = max(t for topic, (t, _) in obs.snapshot().items() if topic.endswith("/state"))
+            out["republished_s"] = last - hub.started_at
+            if not storm:
+                return out
+            timeout_ms = hb_ms * 5 // 2
+
+            def all_offline() -> bool:
+                if not hub.alive():
+                    raise BenchError("hub died during the storm")
+                n = sum(1 for topic, (_, p) in obs.snapshot().items()
+                        if topic.endswith("/status") and p == b"offline")
+                return n >= users
+
+            wait_until(all_offline, timeout_ms / 1000 + 1800, "every user offline", 0.05)
+        deadline: dict[str, float] = {}
+        offline_at: dict[str, float] = {}
+        for t, topic, payload in obs.messages:
+            user = topic.split("/")[2]
+            if topic.endswith("/state"):
+                try:
+                    state = json.loads(payload)
+                except ValueError:
+                    continue
+                seen = [d["lastSeen"] for d in state.get("devices", ()) if d.get("lastSeen")]
+                if seen:
+                    deadline[user] = (max(seen) + timeout_ms) / 1000
+            elif payload == b"offline" and user not in offline_at:
+                offline_at[user] = t
+        lat = [offline_at[u] - deadline[u] for u in offline_at if u in deadline]
+        if not lat:
+            raise BenchError("no offline status seen in the storm")
+        out["storm_users"] = float(len(lat))
+        out["storm_p50_s"] = percentile(lat, 50)
+        out["storm_p99_s"] = percentile(lat, 99)
+        out["storm_max_s"] = max(lat)
+        out["storm_first_s"] = min(lat)
+        out["storm_heartbeat_s"] = heartbeat_s
+    return out
+
+
+def run(p: StormParams, log: Callable[[str], None], hub_root: str | None = None) -> dict[str, float]:
+    out: dict[str, float] = {"restart_devices": float(p.devices)}
+    users = user_count(p.devices)
+    with tempfile.TemporaryDirectory(prefix="bench-tinydb-") as tmp:
+        db = Path(tmp) / "presence.json"
+        gen = write_db(db, p.devices)
+        out["restart_db_mb"] = db.stat().st_size / 2**20
+        log(f"  TinyDB with {p.devices:,} devices ({users:,} users, "
+            f"{out['restart_db_mb']:.0f} MB) written in {gen:.1f}s")
+        pristine = db.read_bytes()
+        r = _hub_run(db, 3600.0, users, log, hub_root, storm=False)
+        out["restart_ready_s"] = r["ready_s"]
+        out["restart_republished_s"] = r["republished_s"]
+        log(f"  restart: ready after {r['ready_s']:.2f}s, all retained state after "
+            f"{r['republished_s']:.2f}s")
+        # storm: the deadline must come after the start-up republish
+        timeout_s = max(2.5 * p.min_heartbeat_s, 1.5 * r["republished_s"] + 1.0)
+        heartbeat_s = round(timeout_s / 2.5, 1)
+        db.write_bytes(pristine)
+        s = _hub_run(db, heartbeat_s, users, log, hub_root, storm=True)
+        out["storm_devices"] = float(p.devices)
+        for k in ("storm_users", "storm_p50_s", "storm_p99_s", "storm_max_s", "storm_first_s",
+                  "storm_heartbeat_s"):
+            out[k] = s[k]
+        log(f"  storm of {p.devices:,} devices ({int(s['storm_users']):,} users, heartbeat "
+            f"{heartbeat_s:g}s): offline p50 {s['storm_p50_s']:.2f}s, p99 {s['storm_p99_s']:.2f}s, "
+            f"max {s['storm_max_s']:.2f}s past the deadline")
+    return out
