@@ -416,6 +416,8 @@ class Engine:
         self.config = config or EngineConfig()
         self._users: dict[str, _User] = {}
         self._heap: list[tuple[int, int, _Device]] = []
+        #: the broker link is down: no device times out for silence (see hold_timeouts)
+        self._timeouts_held = False
         self._seq = 0
         self._out: list[Effect] = []
         self._dirty: set[str] = set()
@@ -494,6 +496,7 @@ class Engine:
         dirty = self._dirty
         changed: dict[str, _User] = {}
         timeouts = 0
+        held = self._timeouts_held
         while heap and heap[0][0] <= now:
             when, _, d = heapq.heappop(heap)
             if d.removed or d.due != when:
@@ -501,7 +504,7 @@ class Engine:
             d.due = None
             u = d.user
             seen = d.last_seen
-            if d.connected and seen is not None and now - seen >= timeout:
+            if d.connected and seen is not None and now - seen >= timeout and not held:
                 d.connected = False
                 timeouts += 1
                 out.append(DeviceTimedOut(u.id, d.id, d.session))
@@ -518,6 +521,26 @@ class Engine:
             log.info("%d device(s) timed out: no message for %d ms", timeouts, timeout)
         for u in changed.values():
             self._refresh_user(u, now)
+
+    def hold_timeouts(self) -> None:
+        """The hub lost its broker: it hears no device now, so none may time out for silence.
+
+        Idle timers go on (they depend on what devices already said, not on hearing them).
+        """
+        self._timeouts_held = True
+
+    def release_timeouts(self, now: int) -> None:
+        """The broker is back: every connected device gets one heartbeat timeout from ``now``
+        to be heard again (reconnecting devices send a new birth well within it), instead of
+        the false-offline storm that counting the outage as their silence would cause."""
+        if not self._timeouts_held:
+            return
+        self._timeouts_held = False
+        for u in self._users.values():
+            for d in u.devices.values():
+                if d.connected and not d.virtual:
+                    d.last_seen = now if d.last_seen is None else max(d.last_seen, now)
+                    self._schedule(d, now)
 
     def next_deadline(self) -> int | None:
         """When :meth:`tick` next has work (may be early: superseded entries pop as no-ops)."""
@@ -536,7 +559,16 @@ class Engine:
             # the primary stay. After the session's own will it is stale.
             if d.ended:
                 self.counters["stale_session"] += 1
-            elif d.connected:
+                return
+            if ev.name and ev.name[:128] != d.name:
+                # the birth came after a heartbeat that stood in for it: take its name
+                d.name = ev.name[:128]
+                self._dirty.add(d.user.id)
+                if d.connected:
+                    d.last_seen = now
+                    self._refresh_user(d.user, now)
+                    return
+            if d.connected:
                 d.last_seen = now
             else:
                 self._revive(d, now)
@@ -764,7 +796,7 @@ class Engine:
 
     def _next_deadline(self, d: _Device) -> int | None:
         best: int | None = None
-        if d.connected and not d.virtual and d.last_seen is not None:
+        if d.connected and not d.virtual and d.last_seen is not None and not self._timeouts_held:
             best = d.last_seen + self._timeout
         if d.last_interaction is not None and (d.connected or d.virtual):
             if d.status == ONLINE:

@@ -135,7 +135,6 @@ class RateLimiter:
 
 
 Callback = Callable[..., Any]
-_PAUSED = -1
 
 
 class PresenceService:
@@ -172,8 +171,7 @@ class PresenceService:
         self._flush_lock = asyncio.Lock()
         self._request_handler: Callable[[DeviceMessage], Awaitable[None]] | None = None
         self._extras: list[Any] = []  # owned resources closed on stop (transport, broker)
-        #: None: timers run; _PAUSED: broker link down; a time: they resume then
-        self._timers_paused_until: int | None = None
+        self._link_down = False
         self._flush_requested = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -248,27 +246,19 @@ class PresenceService:
 
     def link_down(self) -> None:
         """The hub lost its broker: it hears no device now, so no device may time out."""
-        if self._timers_paused_until != _PAUSED:
-            log.warning("broker link down: device timers paused")
-        self._timers_paused_until = _PAUSED
+        if not self._link_down:
+            log.warning("broker link down: device timeouts held until it is back")
+        self._link_down = True
+        self.engine.hold_timeouts()
 
     def link_up(self) -> None:
-        """The broker is back: devices get one heartbeat timeout to be heard before timers run."""
-        if self._timers_paused_until == _PAUSED:
-            grace = self.config.engine.timeout_ms
-            self._timers_paused_until = self.clock.now() + grace
-            log.info("broker link up: device timers resume in %d ms", grace)
-            if self._wake is not None:
-                self._wake.set()
-
-    def _timers_paused(self, now: int) -> bool:
-        until = self._timers_paused_until
-        if until is None:
-            return False
-        if until != _PAUSED and now >= until:
-            self._timers_paused_until = None
-            return False
-        return True
+        """The broker is back: devices get one heartbeat timeout to be heard again."""
+        if self._link_down:
+            self._link_down = False
+            self.engine.release_timeouts(self.clock.now())
+            log.info("broker link up: devices have %d ms to be heard again",
+                     self.config.engine.timeout_ms)
+            self._poke()
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -277,9 +267,6 @@ class PresenceService:
         while True:
             now = self.clock.now()
             due = self.engine.next_deadline()
-            if self._timers_paused(now):
-                until = self._timers_paused_until
-                due = None if until == _PAUSED else until
             wake_at = next_flush if due is None else min(due, next_flush)
             self._wake_at = wake_at
             delay = max(0.0, (wake_at - now) / 1000)
@@ -289,8 +276,7 @@ class PresenceService:
                     await asyncio.wait_for(self._wake.wait(), delay)
             now = self.clock.now()
             try:
-                if not self._timers_paused(now):
-                    self._apply(self.engine.tick(now))
+                self._apply(self.engine.tick(now))
                 if now >= next_flush or self._flush_requested:
                     self._flush_requested = False
                     next_flush = now + interval
@@ -319,9 +305,7 @@ class PresenceService:
 
     async def tick(self) -> None:
         """Fire every deadline due at the clock's ``now`` (for fake clocks and simulations)."""
-        now = self.clock.now()
-        if not self._timers_paused(now):
-            self._apply(self.engine.tick(now))
+        self._apply(self.engine.tick(self.clock.now()))
 
     async def flush(self) -> None:
         """Write dirty users and new activity to the store, then tell sinks it is durable."""

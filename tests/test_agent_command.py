@@ -112,10 +112,8 @@ def hub_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoPr
     from their birth, and nothing here is about going away.
     """
     workdir = tmp_path_factory.mktemp("command-hub")
-    # The README's broker settings for the hub. With Mosquitto's default in-flight window
-    # (20) the many requests here can hold a device's QoS 1 birth back behind its QoS 0
-    # heartbeat, and the hub then loses the device's name: both are hub bugs with xfail
-    # tests of their own in test_integration_agents.py.
+    # The README's broker settings for the hub (the default in-flight window of 20 works too
+    # since the hub flushes early and acks requests at once; see test_integration_agents.py).
     broker = MosquittoProcess(workdir=workdir / "mosquitto", extra_conf="max_inflight_messages 100")
     broker.start()
     hub = HubProcess(["--broker", broker.url, "--storage", "memory",

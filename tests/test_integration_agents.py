@@ -16,7 +16,7 @@ that is not under test.
 One embedded hub serves the module (each test has its own user ids); the broker-restart and
 outage tests get their own Mosquitto and hub because they take the broker down.
 
-The last section holds the hub bugs these tests ran into, as strict xfails with the reason.
+The last section pins the hub bugs these tests ran into (both fixed).
 """
 
 from __future__ import annotations
@@ -271,11 +271,6 @@ def test_sigkill_of_an_agent_takes_its_device_offline_by_its_will(
 # 2. Broker restart: a new session, and the user does not flap
 
 
-@pytest.mark.xfail(
-    reason="lead fixing link grace: Engine.handle/heartbeat fire due deadlines inline, so the "
-           "first message after link_up times the device out despite the service's pause",
-    strict=False,
-)
 def test_broker_restart_agent_reconnects_with_a_new_session_and_the_user_does_not_flap(
     mosquitto: MosquittoProcess, mosquitto_hub: HubProcess,
     agents: Callable[[str, str, str], AgentProc],
@@ -420,14 +415,9 @@ def test_custom_status_from_one_agent_reaches_the_other_and_sync_is_complete(
 
 
 # --------------------------------------------------------------------------------------------
-# Bugs found on the way (xfail until fixed in hub/)
+# Bugs found on the way (fixed; these pin them)
 
 
-@pytest.mark.xfail(
-    reason="hub/engine.py Engine._birth ignores the name of a birth whose session a heartbeat "
-           "already made current (implicit birth), so the device keeps its id as its name",
-    strict=True,
-)
 def test_a_birth_that_arrives_after_its_first_heartbeat_still_names_the_device(
     embedded: tuple[str, Watcher],
 ) -> None:

@@ -307,3 +307,29 @@ async def test_a_flooding_device_is_throttled_alone(clock: FakeClock) -> None:
         assert p.ingest([("presence/devices/u/calm/heartbeat", b'{"session":"c1"}')]) == 0
         assert {d.id: d.status for d in await p.get_devices("u")} == {
             "calm": "online", "noisy": "online"}
+
+
+async def test_devices_do_not_time_out_while_the_broker_link_is_down(clock: FakeClock) -> None:
+    async with make(clock) as p:
+        p.ingest([("presence/devices/u/phone/conn", b'{"state":"online","session":"s1"}')])
+        p.link_down()
+        clock.advance(10 * SEC)  # far past the 2.5 s heartbeat timeout: the hub heard nothing
+        await p.tick()
+        p.ingest([("presence/devices/u/other/heartbeat", b'{"session":"x1"}')])  # fires due work
+        assert {d.id: d.status for d in await p.get_devices("u")}["phone"] != "offline"
+        p.link_up()
+        clock.advance(2 * SEC)  # within the grace: still connected
+        await p.tick()
+        assert (await p.get_devices("u"))[0].status != "offline"
+        clock.advance(1 * SEC)  # grace over and nothing heard: now it times out
+        await p.tick()
+        assert (await p.get_devices("u"))[0].status == "offline"
+
+
+async def test_a_birth_after_its_first_heartbeat_still_names_the_device(clock: FakeClock) -> None:
+    async with make(clock) as p:
+        p.ingest([("presence/devices/u/phone/heartbeat", b'{"session":"s1"}')])
+        p.ingest([("presence/devices/u/phone/conn",
+                   b'{"state":"online","session":"s1","name":"Old phone"}')])
+        assert (await p.get_devices("u"))[0].name == "Old phone"
+        assert (await p.get_state("u")).devices[0].name == "Old phone"  # type: ignore[union-attr]
