@@ -27,6 +27,25 @@ amqtt 0.12.1 deviates from MQTT 3.1.1 in ways the hub would feel. Measured, and 
   connection when the new one asks for a clean session ([MQTT-3.1.4-2]). We drop it (its will
   goes out, with its own session id, as for any lost connection) before the new one starts.
 
+Security (issue #5; the rules themselves are in hub/auth.py, tests in tests/test_security.py):
+
+* Authentication and topic checks are our own amqtt plugins (``HubAuthPlugin``,
+  ``HubTopicPlugin``) driven by an :class:`~hub.auth.AccessPolicy`. amqtt's built-in ACL plugin
+  grants ``a/#`` to a client allowed only ``a/+``, has no per-user substitution, and its
+  receive ACL cannot be configured; none of it is used.
+* amqtt takes over (and so disconnects) an existing client id *before* authenticating the new
+  connection, so anyone could kick a device off by reusing its client id. We read CONNECT,
+  authenticate, and only then touch existing sessions. With accounts configured, a client id
+  held by another account is refused (CONNACK 2) rather than taken over.
+* amqtt never checks a will against the publish ACL, so a device could forge another device's
+  ``conn`` through its will. We check the will topic at CONNECT and refuse (CONNACK 5).
+* Retained messages sent on SUBSCRIBE skip amqtt's receive check; ours check every one.
+* amqtt reads a packet of any size (up to MQTT's 256 MB) into memory. A connection that sends
+  a packet larger than ``max_packet_bytes`` is closed (its will goes out).
+* Every message handed to the hub is checked once more against the sender's grant.
+* With no accounts the broker is open, so it refuses to listen beyond loopback unless
+  anonymous access is asked for explicitly (Mosquitto 2.0's rule).
+
 Known and left alone (harmless for presence, documented here so nobody is surprised):
 
 * Messages are delivered at the *subscriber's* QoS, not min(publish, subscription): a QoS 0
@@ -35,27 +54,48 @@ Known and left alone (harmless for presence, documented here so nobody is surpri
 * An outgoing QoS 1 message not acknowledged within 5 s is dropped, not retried.
 * Retained messages live in memory only: a stopped broker forgets them, so the hub republishes
   its retained state after every start.
-* While anonymous access is on every session counts as anonymous, and amqtt queues nothing
-  for disconnected anonymous sessions: persistent sessions get no offline messages. Presence
+* Without accounts every session counts as anonymous, and amqtt queues nothing for
+  disconnected anonymous sessions: persistent sessions get no offline messages. Presence
   state lives in retained topics, so a reconnecting device still sees the current state.
+  Sessions of logged-in accounts (clean session off) do get their QoS 1 messages queued, in
+  an unbounded queue, so such sessions expire after ``SESSION_EXPIRY_S`` (24 h) offline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import ssl
+from collections import Counter, deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
-from amqtt.errors import AMQTTError
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.errors import BrokerError as AmqttBrokerError
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.utils import gen_client_id
 
-__all__ = ["BrokerError", "ClientHandler", "EmbeddedBroker", "MessageHandler"]
+from hub.auth import (
+    CONNACK_IDENTIFIER_REJECTED,
+    CONNACK_NOT_AUTHORIZED,
+    GRANT_KEY,
+    VERDICT_KEY,
+    AccessPolicy,
+    CredentialStore,
+    Grant,
+    HubTopicPlugin,
+    Verdict,
+    listen_policy_error,
+)
+
+__all__ = ["BrokerError", "ClientHandler", "EmbeddedBroker", "MessageHandler", "TlsListener"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +112,27 @@ CONNECT_TIMEOUT: Final = 10.0
 #: How long :meth:`EmbeddedBroker.disconnect_client` waits for amqtt to finish the disconnect.
 DISCONNECT_TIMEOUT: Final = 5.0
 
-_ANONYMOUS_AUTH: Final = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+#: Largest MQTT packet a client may send before its connection is closed (see max_packet_bytes).
+MAX_PACKET_BYTES: Final = 1024 * 1024
+#: How long a disconnected authenticated session (clean session off) keeps its subscriptions
+#: and queued messages. amqtt's queues are unbounded, so they must not live forever.
+SESSION_EXPIRY_S: Final = 24 * 3600
+
+_AUTH_PLUGIN: Final = "hub.auth.HubAuthPlugin"
+_TOPIC_PLUGIN: Final = "hub.auth.HubTopicPlugin"
+#: The session attribute naming the account that owns a session (None: anonymous).
+_OWNER_KEY: Final = "hub.owner"
+#: In the text of the AMQTTError we raise for a refused CONNECT (filtered from amqtt's log:
+#: our own line, limited to one per second per reason, already says why).
+_REFUSED: Final = "hub: connection refused"
+
+
+class _HideRefusals(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _REFUSED not in record.getMessage()
+
+
+logging.getLogger("amqtt.broker").addFilter(_HideRefusals())
 
 
 #: The client PUBLISH amqtt is handling in the current task (each connection has its own).
@@ -148,6 +208,38 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         self._gone_waiters: dict[Any, asyncio.Future[None]] = {}
         #: Writers of connections that have not finished CONNECT yet (closed on stop).
         self.connecting: set[Any] = set()
+        # Topic checks run for every publish and for every delivery to every subscriber; when
+        # ours is the only topic plugin we call it directly rather than through amqtt's plugin
+        # manager, which makes a task per call.
+        topic_plugins = list(self.plugins_manager._topic_plugins)
+        self._acl: HubTopicPlugin | None = (
+            topic_plugins[0]
+            if len(topic_plugins) == 1 and isinstance(topic_plugins[0], HubTopicPlugin)
+            else None
+        )
+
+    async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
+        # As amqtt's, but reads go through a reader that refuses oversized packets.
+        await self._client_connected(
+            listener_name,
+            _LimitedReader(reader, writer, self._owner),
+            StreamWriterAdapter(writer),
+        )
+
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        # amqtt asks every client for a certificate it then cannot verify (no CA configured)
+        # and accepts TLS 1.0; we want server authentication only, TLS 1.2 or newer.
+        certfile, keyfile = listener.get("certfile"), listener.get("keyfile")
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise AmqttBrokerError(
+                f"cannot load TLS certificate {certfile} with key {keyfile}: {exc}"
+            ) from exc
+        return context
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -178,9 +270,18 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
     async def _open_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[Any, Any]:
-        handler, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port
-        )
+        # amqtt's _initialize_client_session, reordered: authenticate the CONNECT (and its
+        # will) before it may touch any existing session of the same client id.
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except (AMQTTError, MQTTError, NoDataError):
+            raise
+        except Exception as exc:  # e.g. a CONNECT string that is not UTF-8
+            raise AMQTTError(f"unreadable CONNECT from {remote_address}: {exc!r}") from exc
+        verdict = await self._admit(incoming, writer)
+        session = await self._attach_session(incoming)
         if session.transitions.is_connected():
             # Take-over of a persistent session that is still connected. amqtt has already
             # copied the new CONNECT's will onto the shared session; the old connection must
@@ -189,17 +290,92 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             new_will = _Will.of(session)
             _Will.put(session, getattr(old_handler, "hub_will", None))
             log.info("client %s connected again; dropping its old connection", session.client_id)
+            # keep amqtt's session monitor (which drops disconnected anonymous sessions every
+            # second) off the session we are resuming while its old connection goes
+            session.is_anonymous = False
             await self.close_connection(old_handler)
             _Will.put(session, new_will)
-            # Until authentication marks it again, keep amqtt's session monitor (which drops
-            # disconnected anonymous sessions every second) off the session we are resuming.
-            session.is_anonymous = False
+        grant = verdict.grant
+        session.attributes[VERDICT_KEY] = verdict
+        session.attributes[GRANT_KEY] = grant
+        session.attributes[_OWNER_KEY] = verdict.username
+        session.password = None  # checked; no reason to keep it in memory
+        policy = self._owner.policy
+        # amqtt queues nothing for anonymous sessions; without accounts everyone counts as
+        # anonymous, as with amqtt's own AnonymousAuthPlugin.
+        session.is_anonymous = verdict.username is None or (
+            not policy.auth_required and policy.allow_anonymous is not False
+        )
         handler.hub_will = _Will.of(session)
+        handler.hub_grant = grant
         # Keepalive: amqtt times reads out after `keep_alive` seconds but then does nothing.
         if session.keep_alive > 0:
             session.keep_alive = session.keep_alive * KEEPALIVE_GRACE
             handler.handle_read_timeout = lambda: self._keepalive_expired(handler)
         return handler, session
+
+    async def _admit(self, incoming: Any, writer: Any) -> Verdict:
+        """Authenticate a CONNECT (the auth plugins) and check its client id; refuse or pass."""
+        try:
+            await super()._authenticate(incoming, None)  # amqtt runs the auth plugins
+        except Exception:  # a failing check refuses; it never lets a client in
+            log.exception("authenticating client %s failed; refusing it", incoming.client_id)
+            incoming.attributes.pop(VERDICT_KEY, None)
+        verdict = incoming.attributes.get(VERDICT_KEY)
+        if not isinstance(verdict, Verdict):  # another auth plugin said no before ours ran
+            verdict = Verdict(None, "refused", CONNACK_NOT_AUTHORIZED)
+        if verdict.ok:
+            verdict = self._check_client_id(incoming, verdict)
+        if not verdict.ok:
+            await _send_connack(writer, verdict.connack or CONNACK_NOT_AUTHORIZED)
+            raise AMQTTError(f"{_REFUSED} ({verdict.reason})")
+        return verdict
+
+    def _check_client_id(self, incoming: Any, verdict: Verdict) -> Verdict:
+        """With accounts, a client id belongs to the account that holds it.
+
+        Taking over a connected client id, or resuming a persistent session, of another account
+        would let one device kick another off (its will then says "lost") or read what was
+        queued for it. A clean-session CONNECT may replace another account's disconnected
+        session: that only discards it.
+        """
+        policy = self._owner.policy
+        entry = self.sessions.get(incoming.client_id) if incoming.client_id else None
+        if not policy.auth_required or entry is None:
+            return verdict
+        old = entry[0]
+        owner = old.attributes.get(_OWNER_KEY)
+        if owner == verdict.username:
+            return verdict
+        if old.transitions.is_connected() or not incoming.clean_session:
+            policy.note(
+                "client_id_taken", "refused client %s (%s): that client id belongs to %s",
+                incoming.client_id, verdict.username or "anonymous", owner or "an anonymous client",
+            )
+            return Verdict(None, "client_id_taken", CONNACK_IDENTIFIER_REJECTED)
+        return verdict
+
+    async def _attach_session(self, incoming: Any) -> Any:
+        """amqtt's choice between a new session and a stored one, for an admitted CONNECT."""
+        session = incoming
+        if incoming.clean_session:
+            if incoming.client_id:
+                await self._delete_session(incoming.client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+        elif incoming.client_id in self.sessions:
+            session = self.sessions[incoming.client_id][0]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
+                         "keep_alive", "username"):
+                setattr(session, name, getattr(incoming, name))  # amqtt forgets will_retain
+            session.parent = 1
+        else:
+            incoming.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return session
 
     async def _delete_session(self, client_id: str) -> None:
         # Called for a clean-session CONNECT: amqtt forgets the old session but leaves its
@@ -211,9 +387,18 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         await super()._delete_session(client_id)
 
     async def _authenticate(self, session: Any, listener: Any) -> bool:
-        ok: bool = await super()._authenticate(session, listener)
+        # Called by amqtt after our _open_session, which already authenticated this CONNECT.
+        verdict = session.attributes.get(VERDICT_KEY)
+        ok = isinstance(verdict, Verdict) and verdict.ok
         session.attributes["hub.refused"] = not ok
         return ok
+
+    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
+        acl = self._acl
+        if acl is not None:
+            return acl.check(session, topic, action)
+        result: bool = await super()._topic_filtering(session, topic, action)
+        return result
 
     async def _handle_client_session(
         self, reader: Any, writer: Any, session: Any, handler: Any, *rest: Any
@@ -273,7 +458,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         will: _Will | None = getattr(handler, "hub_will", None)
         if abnormal and will is not None:
             self._owner._deliver(
-                will.topic, will.payload, will.qos, will.retain, client_session.client_id
+                will.topic, will.payload, will.qos, will.retain, client_session.client_id,
+                getattr(handler, "hub_grant", None),
             )
         try:
             await super()._handle_disconnect(client_session, handler, waiter)
@@ -303,7 +489,10 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         # (a plugin event would cost one per message: ~40 us measured).
         message = _handling.get()
         if message is not None and session is not None and force_qos is None:
-            self._owner._deliver(topic, data, message.qos, message.retain, session.client_id)
+            self._owner._deliver(
+                topic, data, message.qos, message.retain, session.client_id,
+                session.attributes.get(GRANT_KEY),
+            )
         await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _publish_retained_messages_for_subscription(
@@ -311,13 +500,38 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
     ) -> None:
         # amqtt calls this on connect for every filter anyone subscribed to, with QoS 0; only
         # the session's own subscriptions should get retained messages, at their granted QoS.
+        # And amqtt sends them without its receive check: each one is checked here.
         topic_filter = subscription[0]
-        for subscriber, granted in self.subscriptions.get(topic_filter, ()):
-            if subscriber.client_id == session.client_id:
-                await super()._publish_retained_messages_for_subscription(
-                    (topic_filter, granted), session
-                )
-                return
+        granted = next(
+            (qos for subscriber, qos in self.subscriptions.get(topic_filter, ())
+             if subscriber.client_id == session.client_id),
+            None,
+        )
+        handler = self._get_handler(session)
+        if granted is None or handler is None:
+            return
+        sends = []
+        for topic, retained in list(self.retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            qos = min(granted, retained.qos if retained.qos is not None else granted)
+            sends.append(asyncio.ensure_future(
+                handler.mqtt_publish(retained.topic, retained.data, qos, retain=True)
+            ))
+        if sends:
+            await asyncio.wait(sends)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsListener:
+    """A second listener speaking MQTT over TLS (``mqtts://``), e.g. ``0.0.0.0:8883``."""
+
+    host: str
+    port: int  # 0: any free port, known as EmbeddedBroker.tls_port once started
+    certfile: str
+    keyfile: str
 
 
 class EmbeddedBroker:
@@ -325,8 +539,12 @@ class EmbeddedBroker:
 
     ``on_message`` runs in the broker's loop for every message a client publishes and every
     will sent for a client; it must not block. Messages published through :meth:`publish` are
-    not passed to it. ``allow_anonymous=False`` refuses clients that give no username; checking
-    passwords and topic ACLs is issue #5 (see :meth:`_plugins_config`).
+    not passed to it.
+
+    Access: with ``credentials`` holding at least one account, clients must log in and each
+    gets its account's grant (hub/auth.py); the file is re-read when it changes. Without
+    accounts the broker is open and listens on loopback only, unless ``allow_anonymous`` is
+    True. ``allow_anonymous=False`` without accounts only makes clients give a username.
     """
 
     def __init__(
@@ -336,7 +554,11 @@ class EmbeddedBroker:
         *,
         on_message: MessageHandler | None = None,
         on_client_disconnected: ClientHandler | None = None,
-        allow_anonymous: bool = True,
+        allow_anonymous: bool | None = None,
+        credentials: CredentialStore | None = None,
+        prefix: str = "presence",
+        tls: TlsListener | None = None,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.host = host
@@ -344,6 +566,12 @@ class EmbeddedBroker:
         self.on_message = on_message
         self.on_client_disconnected = on_client_disconnected
         self.allow_anonymous = allow_anonymous
+        self.tls = tls
+        self.tls_port = tls.port if tls is not None else None
+        #: A client sending a larger packet is disconnected (its will goes out).
+        self.max_packet_bytes = max_packet_bytes
+        #: Who may connect and what each client may publish, subscribe to and receive.
+        self.policy = AccessPolicy(prefix, credentials, allow_anonymous)
         #: Seconds a new TCP connection may take to send its CONNECT before it is closed.
         self.connect_timeout = connect_timeout
         self._broker: _HubBroker | None = None
@@ -361,28 +589,61 @@ class EmbeddedBroker:
         return f"mqtt://{host}:{self.port}"
 
     @property
+    def tls_url(self) -> str | None:
+        if self.tls is None:
+            return None
+        host = f"[{self.tls.host}]" if ":" in self.tls.host else self.tls.host
+        return f"mqtts://{host}:{self.tls_port}"
+
+    @property
     def running(self) -> bool:
         return self._broker is not None
 
+    @property
+    def refused(self) -> Counter[str]:
+        """Refusals by reason (bad_password, forbidden_publish, ...): see AccessPolicy."""
+        return self.policy.refused
+
     def _plugins_config(self) -> dict[str, dict[str, Any]]:
-        """The amqtt plugins to load; authentication and ACL plugins (issue #5) go here.
+        """The amqtt plugins to load: our authentication and topic checks (hub/auth.py).
 
         Listing plugins replaces amqtt's defaults, which would log every packet and run $SYS.
         """
         return {
-            _ANONYMOUS_AUTH: {"allow_anonymous": self.allow_anonymous},
+            _AUTH_PLUGIN: {"policy": self.policy},
+            _TOPIC_PLUGIN: {"policy": self.policy},
         }
 
+    def _listeners_config(self) -> dict[str, dict[str, Any]]:
+        # Always bind explicitly: amqtt's default listener is 0.0.0.0:1883.
+        listeners: dict[str, dict[str, Any]] = {
+            "default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}
+        }
+        if self.tls is not None:
+            listeners["tls"] = {
+                "type": "tcp", "bind": f"{self.tls.host}:{self.tls.port}", "ssl": True,
+                "certfile": self.tls.certfile, "keyfile": self.tls.keyfile,
+            }
+        return listeners
+
     async def start(self) -> None:
-        """Listen on ``host:port``; raise :class:`BrokerError` saying why if that fails."""
+        """Listen on ``host:port`` (and the TLS listener); raise :class:`BrokerError` if not."""
         if self._broker is not None:
             raise BrokerError(f"broker already running on {self.host}:{self.port}")
+        self.policy.refresh()
+        hosts = [self.host] + ([self.tls.host] if self.tls is not None else [])
+        refusal = listen_policy_error(hosts, self.policy)
+        if refusal is not None:
+            raise BrokerError(refusal)
         config = {
-            # Always bind explicitly: amqtt's default listener is 0.0.0.0:1883.
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "listeners": self._listeners_config(),
             "plugins": self._plugins_config(),
+            "session_expiry_interval": SESSION_EXPIRY_S,
         }
-        broker = _HubBroker(config, self)
+        try:
+            broker = _HubBroker(config, self)
+        except (OSError, ValueError) as exc:  # amqtt checks that TLS files exist here
+            raise BrokerError(f"cannot configure the broker: {exc}") from exc
         self._stopping = False
         try:
             await broker.start()
@@ -392,8 +653,12 @@ class EmbeddedBroker:
             raise BrokerError(f"cannot listen on {self.host}:{self.port}: {reason}") from exc
         self._broker = broker
         if self.port == 0:  # the kernel picked one: tests use this to avoid port races
-            self.port = _bound_port(broker, self.port)
-        log.info("embedded MQTT broker listening on %s", self.url)
+            self.port = _bound_port(broker, "default", self.port)
+        if self.tls is not None and self.tls_port == 0:
+            self.tls_port = _bound_port(broker, "tls", 0)
+        tls = f" and {self.tls_url}" if self.tls is not None else ""
+        log.info("embedded MQTT broker listening on %s%s; %s", self.url, tls,
+                 self.policy.describe())
 
     async def stop(self) -> None:
         """Close every connection and the listener. No wills are reported while stopping."""
@@ -481,10 +746,18 @@ class EmbeddedBroker:
     # -- called by the amqtt side ---------------------------------------------------------------
     def _deliver(
         self, topic: str, payload: bytes | bytearray, qos: int | None, retain: bool,
-        client_id: str | None,
+        client_id: str | None, grant: Grant | None,
     ) -> None:
         handler = self.on_message
         if handler is None or self._stopping:
+            return
+        # The broker's checks already ran; this one is for paths that might skip them (amqtt
+        # sends wills past its ACL, for one): the hub acts only on what the sender may write.
+        if grant is None or not grant.may_publish(topic):
+            self.policy.note(
+                "hub_dropped", "hub dropped %r from client %s (%s): not its topic",
+                topic[:200], client_id, grant.who if grant else "not admitted",
+            )
             return
         try:
             handler(topic, bytes(payload), qos or 0, retain, client_id)
@@ -510,8 +783,8 @@ class EmbeddedBroker:
         await self.stop()
 
 
-def _bound_port(broker: _HubBroker, default: int) -> int:
-    server = broker._servers.get("default")  # amqtt keeps no public handle on its listener
+def _bound_port(broker: _HubBroker, listener: str, default: int) -> int:
+    server = broker._servers.get(listener)  # amqtt keeps no public handle on its listener
     sockets = getattr(getattr(server, "instance", None), "sockets", None) or ()
     for sock in sockets:
         port: int = sock.getsockname()[1]
@@ -534,3 +807,45 @@ async def _send(broker: _HubBroker, topic: str, payload: bytes, qos: int, retain
     if retain:
         await broker.retain_message(None, topic, payload, qos)
     await broker.internal_message_broadcast(topic, payload, qos)
+
+
+async def _send_connack(writer: Any, code: int) -> None:
+    """Tell a refused client why (CONNACK return code), then close; never hang on it."""
+    try:
+        async with asyncio.timeout(1.0):
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+    except Exception:  # the client is gone already: nothing to tell
+        log.debug("could not send CONNACK %d", code, exc_info=True)
+
+
+class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
+    """amqtt's stream reader, refusing any single read (a packet's body) above the limit.
+
+    amqtt reads a packet's remaining length and then the body in one read, whatever its size
+    (MQTT allows 256 MB). Refusing the read and aborting the socket ends the connection the
+    way a dead network would: the will goes out and the session ends.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 owner: EmbeddedBroker) -> None:
+        super().__init__(reader)
+        self._transport = writer.transport
+        self._owner = owner
+        self._closed = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._closed:  # what is still buffered must not be parsed as packets
+            raise asyncio.IncompleteReadError(b"", n)
+        limit = self._owner.max_packet_bytes
+        if n > limit:
+            self._closed = True
+            peer = self._transport.get_extra_info("peername")
+            self._owner.policy.note(
+                "too_large", "closing the connection from %s: a %d-byte packet is over the "
+                "%d-byte limit", peer, n, limit,
+            )
+            self._transport.abort()
+            raise asyncio.IncompleteReadError(b"", n)
+        data: bytes = await super().read(n)
+        return data

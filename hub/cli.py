@@ -141,6 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
             "--tls-cert and --tls-key are given", _path_or_none),
     Setting("tls_cert", "", "PEM certificate (chain) of the TLS listener", _path_or_none),
     Setting("tls_key", "", "PEM private key of the TLS listener", _path_or_none),
+    Setting("ca_file", "", "CA certificate(s) to verify an mqtts:// --broker (default: the "
+            "system's)", _path_or_none),
     # limits
     Setting("max_payload_bytes", f"{MAX_PAYLOAD_BYTES // 1024}KiB",
             "largest payload the hub accepts; a packet 64KiB beyond it closes the sender's "
@@ -240,12 +242,13 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
     if broker != "embedded":
         from hub.mqtt import BrokerURL
 
-        url = BrokerURL.parse(broker)
-        host, port = url.host, str(url.port)
+        parsed = BrokerURL.parse(broker)
+        host, port = parsed.host, str(parsed.port)
+    if host.strip("[]") in ("0.0.0.0", "::", ""):  # listening everywhere: name this machine
+        import socket
+
+        host = socket.gethostname()
     prefix = settings["prefix"]
-    login = ""
-    if access is not None and access.startswith("authentication on"):
-        login = " --broker-username alice/laptop --broker-password ..."
     lines = [
         f"presence hub running: {broker_desc}; storage {settings['storage']}"
         f"{' ' + settings['db'] if settings['storage'] == 'tinydb' else ''}; heartbeat "
@@ -257,13 +260,23 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
         lines.append(f"  access:       {access}")
     if tls_url is not None:
         lines.append(f"  TLS:          {tls_url}")
-    lines += [
-        f"  watch:        mosquitto_sub -h {host} -p {port} -t '{prefix}/#' -v",
-        f"  join device:  presence-agent --broker mqtt://{host}:{port}{login} --user alice "
-        "--device laptop",
-        f"  ask the hub:  presence --broker mqtt://{host}:{port}{login} --user alice who",
-        "  stop:         Ctrl-C",
-    ]
+    url = f"mqtt://{host}:{port}"
+    if access is not None and access.startswith("authentication on"):
+        login = "PRESENCE_BROKER_USERNAME=alice/laptop PRESENCE_BROKER_PASSWORD=..."
+        lines += [
+            f"  watch:        mosquitto_sub -h {host} -p {port} -u WATCHER -P PASSWORD "
+            f"-t '{prefix}/users/#' -v   (presence-hub users add-watcher WATCHER)",
+            "  join device:  presence-hub users add alice laptop   (prints the password), then",
+            f"                {login} presence-agent --broker {url} --user alice --device laptop",
+            f"  ask the hub:  {login} presence --broker {url} --user alice who",
+        ]
+    else:
+        lines += [
+            f"  watch:        mosquitto_sub -h {host} -p {port} -t '{prefix}/#' -v",
+            f"  join device:  presence-agent --broker {url} --user alice --device laptop",
+            f"  ask the hub:  presence --broker {url} --user alice who",
+        ]
+    lines.append("  stop:         Ctrl-C")
     return "\n".join(lines)
 
 
@@ -381,7 +394,8 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
             tls_key=settings["tls_key"],
         )
     else:
-        hub = attach_mqtt(presence, broker, listen=settings["listen"])
+        hub = attach_mqtt(presence, broker, listen=settings["listen"],
+                          ca_file=settings["ca_file"])
     report = CounterReport(presence, hub)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -48,6 +48,7 @@ from hub.protocol import (
     DeviceMessage,
     DeviceTopic,
     Rejection,
+    SetPayload,
     Topics,
     UserStatePayload,
     decode_payload,
@@ -418,6 +419,17 @@ class PresenceService:
             assert isinstance(msg, DeviceMessage)
             if msg.kind == "req":
                 self._request(msg)
+                continue
+            body = msg.body
+            if (
+                type(body) is SetPayload
+                and body.custom_status is not None
+                and len(body.custom_status.strip()) > self.config.engine.max_custom_status
+            ):
+                # refuse the whole message before any part of it (its status) is applied
+                rejected += 1
+                self._reject(Rejection("refused", f"{msg.user}/{msg.device}: custom status "
+                             f"longer than {self.config.engine.max_custom_status} characters"), now)
                 continue
             for event in events_from_message(msg):
                 try:

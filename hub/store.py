@@ -70,7 +70,9 @@ class MemoryStore:
 
     def __init__(self, limits: ActivityLimits | None = None) -> None:
         self.limits = limits or ActivityLimits()
-        self._users: dict[str, UserRecord] = {}
+        # compact JSON, not model objects: a deep-copied record costs ~1.5 KB per device in
+        # objects, its JSON a few hundred bytes (measured), and a copy is what isolation needs
+        self._users: dict[str, bytes] = {}
         self._activity: dict[str, deque[Activity]] = {}
 
     async def open(self) -> None:
@@ -83,11 +85,11 @@ class MemoryStore:
         return None
 
     async def load_users(self) -> list[UserRecord]:
-        return [u.model_copy(deep=True) for u in self._users.values()]
+        return [UserRecord.model_validate_json(raw) for raw in self._users.values()]
 
     async def save_users(self, users: Sequence[UserRecord]) -> None:
         for user in users:
-            self._users[user.id] = user.model_copy(deep=True)
+            self._users[user.id] = user.model_dump_json(by_alias=True, exclude_defaults=True).encode()
 
     async def delete_user(self, user_id: str) -> None:
         self._users.pop(user_id, None)
