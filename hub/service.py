@@ -108,31 +108,37 @@ class ServiceConfig:
 
 
 class RateLimiter:
-    """A token bucket per device, O(1) per message: a flooding device is throttled alone."""
+    """Per-device rate limit, O(1) per message: a flooding device is throttled alone.
 
-    __slots__ = ("_buckets", "burst", "rate")
+    GCRA (the "virtual scheduling" form of a token bucket): one float per device, the time
+    its next message is due, instead of a bucket's two numbers in a list (about 100 bytes
+    less per device, measured with tracemalloc). ``rate`` messages/s sustained, ``burst`` at
+    once.
+    """
+
+    __slots__ = ("_due", "_interval", "_tolerance", "burst", "rate")
 
     def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("device rate must be > 0 and burst >= 1")
         self.rate = rate
-        self.burst = float(burst)
-        self._buckets: dict[tuple[str, str], list[float]] = {}
+        self.burst = burst
+        self._interval = 1000.0 / rate
+        self._tolerance = (burst - 1) * self._interval
+        self._due: dict[tuple[str, str], float] = {}
 
     def allow(self, user: str, device: str, now: int) -> bool:
         key = (user, device)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            self._buckets[key] = [self.burst - 1.0, float(now)]
-            return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate / 1000.0)
-        bucket[1] = float(now)
-        if tokens < 1.0:
-            bucket[0] = tokens
+        due = self._due.get(key, now)
+        if due < now:
+            due = now
+        if due - now > self._tolerance:
             return False
-        bucket[0] = tokens - 1.0
+        self._due[key] = due + self._interval
         return True
 
     def forget(self, user: str, device: str) -> None:
-        self._buckets.pop((user, device), None)
+        self._due.pop((user, device), None)
 
 
 Callback = Callable[..., Any]
