@@ -7,8 +7,9 @@ Two ways onto the wire, one sink:
   straight into the broker. No client loop, no socket between hub and broker.
 * **External** (``broker="mqtt://..."`` or ``mqtts://``): a paho-mqtt client on a persistent
   session (fixed client id, clean session off) subscribed at QoS 1, so activity published while
-  the hub is down is delivered when it returns. Paho's network thread appends messages to a
-  deque and wakes the loop once per batch (not once per message). QoS 1 messages are acked
+  the hub is down is delivered when it returns. paho runs on the event loop itself (no paho
+  thread, see :mod:`hub.paho_loop`); its ``on_message`` appends to a deque and the service
+  ingests once per batch (not once per message). QoS 1 messages are acked
   manually, only after the flush that persisted them, so a SIGKILL of the hub loses nothing:
   the broker redelivers what was not acked.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import ssl
 from collections import deque
@@ -35,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from hub.auth import CredentialStore
 from hub.broker import BrokerError, EmbeddedBroker, TlsListener
 from hub.engine import DeviceTimedOut, EmitEvent
+from hub.paho_loop import AsyncioPahoLoop, jittered_backoff
 from hub.protocol import (
     DeviceMessage,
     DeviceTopic,
@@ -325,17 +326,17 @@ class PahoTransport:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
-        self._failures = 0
         client.on_message = self._on_message
         self.client = client
         self.keepalive = keepalive
-        self._next_backoff()
+        self.driver = AsyncioPahoLoop(
+            client, self.loop, host=url.host, port=url.port, keepalive=keepalive,
+            backoff=_backoff,
+        )
 
     async def start(self) -> None:
         log.info("connecting to MQTT broker %s as %s", self.url, self.client._client_id.decode())
-        self.client.connect_async(self.url.host, self.url.port, keepalive=self.keepalive)
-        self.client.loop_start()
+        await self.driver.start()
         try:
             await asyncio.wait_for(self.connected.wait(), timeout=10)
         except TimeoutError:
@@ -347,57 +348,44 @@ class PahoTransport:
         await self.hub.service.flush()
         info = self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
         if self.client.is_connected():
-            await asyncio.to_thread(info.wait_for_publish, 2.0)
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
+            # the loop itself carries the PUBACK now: wait without blocking it
+            deadline = self.loop.time() + 2.0
+            while not info.is_published() and self.client.is_connected():
+                if self.loop.time() >= deadline:
+                    break
+                await asyncio.sleep(0.005)
+        await self.driver.stop()  # DISCONNECT (no will), socket closed, no more reconnects
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
-    # paho thread ------------------------------------------------------------------------------
-    def _next_backoff(self) -> float:
-        """Exponential backoff with jitter (paho's own has none), for paho's next reconnect.
-
-        Half of the delay is random ("equal jitter"), so many hubs and agents that lost the
-        same broker do not all knock on it at the same instant.
-        """
-        base = min(RECONNECT_MAX_S, RECONNECT_MIN_S * 2 ** min(self._failures, 10))
-        delay = random.uniform(base / 2, base)
-        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
-        self._failures += 1
-        return delay
-
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        delay = self._next_backoff()
-        log.warning("cannot reach the broker %s; retrying in %.1f s", self.url, delay)
-
+    # paho callbacks: on the loop thread (AsyncioPahoLoop) ---------------------------------------
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
                     props: Any = None) -> None:
         if rc.is_failure:
+            # paho closes the socket; the driver retries with backoff
             log.error("broker %s refused the hub: %s", self.url, rc)
-            self._next_backoff()
             return
-        self._failures = 0
         log.info("hub connected to %s (session present: %s)", self.url, flags.session_present)
         client.subscribe(self.hub.topics.device_filter, qos=1)
         client.publish(self.hub.topics.hub_status, b"online", qos=1, retain=True)
         first, self._first_connect = self._first_connect, False
-        self.loop.call_soon_threadsafe(self._connected, first)
+        # after paho's CONNACK handling, as before (republish_all is thousands of publishes)
+        self.loop.call_soon(self._connected, first)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
                        props: Any = None) -> None:
         if rc.is_failure:
-            delay = self._next_backoff()
-            log.warning("hub lost the broker %s (%s); reconnecting in %.1f s", self.url, rc, delay)
-        self.loop.call_soon_threadsafe(self._disconnected)
+            log.warning("hub lost the broker %s (%s); reconnecting", self.url, rc)
+        self.loop.call_soon(self._disconnected)  # after the batch _drain already scheduled
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        # one ingest per read burst (the driver reads up to 256 KiB per wake-up)
         self._inbox.append((msg.topic, bytes(msg.payload), msg.mid, msg.qos))
         if not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon_threadsafe(self._drain)
+            self.loop.call_soon(self._drain)
 
-    # loop thread ------------------------------------------------------------------------------
     def _connected(self, first: bool) -> None:
         self.connected.set()
         self.hub.service.link_up()
@@ -471,6 +459,11 @@ class PahoTransport:
 
     def device_timed_out(self, effect: DeviceTimedOut, client_id: str | None) -> None:
         return None  # the external broker enforces keepalive and sends the will itself
+
+
+def _backoff(failures: int) -> float:
+    """The hub's reconnect delay: 0.25-0.5 s first, doubling up to 15-30 s, half random."""
+    return jittered_backoff(failures, RECONNECT_MIN_S, RECONNECT_MAX_S)
 
 
 def attach_mqtt(

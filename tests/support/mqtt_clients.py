@@ -47,6 +47,10 @@ class MqttClient:
         self.paho.on_subscribe = self._on_subscribe
         self.paho.on_disconnect = self._on_disconnect
         self._lock = threading.Lock()
+        #: paho writes to the socket from whichever thread publishes when it runs no loop
+        #: thread of its own: one lock around our loop and every publish keeps packets whole
+        #: and in order
+        self._io = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: reconnect on our own network thread when the broker drops us
@@ -71,9 +75,11 @@ class MqttClient:
             if self.disconnected:
                 if not self.auto_reconnect:
                     return
-                self._reconnect()
+                with self._io:
+                    self._reconnect()
                 continue
-            self.paho.loop(timeout=0.02)
+            with self._io:
+                self.paho.loop(timeout=0.02)
 
     def _reconnect(self) -> None:
         """Reconnect as an agent would; subclasses refresh their will first."""
@@ -96,11 +102,13 @@ class MqttClient:
         return self
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        _rc, mid = self.paho.subscribe(topic, qos)
+        with self._io:
+            _rc, mid = self.paho.subscribe(topic, qos)
         wait_for(lambda: mid in self.subacks, what=f"SUBACK for {topic}")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        info = self.paho.publish(topic, payload, qos=qos, retain=retain)
+        with self._io:
+            info = self.paho.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             wait_for(info.is_published, what=f"PUBACK for {topic}")
 
@@ -246,7 +254,8 @@ class SimDevice(MqttClient):
         self.seq += 1
         hb = HeartbeatPayload(session=self.session, seq=self.seq, ts=int(time.time() * 1000),
                               idle_ms=idle_ms)
-        self.paho.publish(self.topic("heartbeat"), hb.to_json(), qos=0)
+        with self._io:
+            self.paho.publish(self.topic("heartbeat"), hb.to_json(), qos=0)
 
     def activity(self, channel: str | None = None, type_: str = "message") -> None:
         act = ActivityPayload(type=type_, channel_id=channel, timestamp=int(time.time() * 1000))
