@@ -76,7 +76,8 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
 
 
 def test_birth_and_heartbeats_make_device_and_user_online(world: World) -> None:
-    world.live_device("alice", "laptop")
+    dev = world.device("alice", "laptop").online()
+    dev.start_heartbeats(HB / 2, idle_ms=0)  # in use: without idleMs it would go away at 2 s
     world.watcher.wait_status("alice", "online")
     world.watcher.wait_text("alice", "primary", "laptop")
     state = world.watcher.state("alice")
