@@ -71,8 +71,9 @@ Persistence (``take_dirty``, ``load``)
     heartbeats: that is written when the device's next deadline pops (or at once when the user
     returns after a long idle), which is before the stored clock could give a different status
     than the live one. So a restart at any moment after a tick (load at the same ``now``)
-    rebuilds the same statuses, versions and primaries. At load, devices last known connected get one heartbeat
-    timeout of grace; transitions that happened during the downtime are real and published.
+    rebuilds the same statuses, versions and primaries. At load, devices last known connected
+    get one heartbeat timeout of grace; transitions that happened during the downtime are real
+    and published.
 """
 
 from __future__ import annotations

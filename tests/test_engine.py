@@ -22,6 +22,7 @@ from hub.engine import (
     Engine,
     EngineConfig,
     EngineError,
+    Event,
     Heartbeat,
     PublishState,
     RecordActivity,
@@ -250,6 +251,44 @@ def test_redelivered_birth_while_connected_changes_nothing_visible(engine: Engin
     engine.handle(Birth("u", "phone", "s1"), T0)
     assert engine.handle(Birth("u", "phone", "s1"), T0 + 60_000) == ()
     assert engine.tick(T0 + 60_000 + TIMEOUT - 1) == ()  # but it did prove liveness
+
+
+def test_birth_after_its_stand_in_heartbeat_names_the_device(engine: Engine) -> None:
+    # the hub heard a heartbeat before the (retained) birth of the same session
+    engine.handle(Heartbeat("u", "phone", "s1"), T0)
+    assert engine.get_devices("u")[0].name == "phone"
+    (pub,) = publishes(engine.handle(Birth("u", "phone", "s1", "Anna's phone"), T0 + 1_000))
+    assert [(d.name, d.status) for d in pub.state.devices] == [("Anna's phone", "online")]
+    assert engine.counters["implicit_birth"] == 1
+    # the same session: no new interaction, the idle clock runs from the stand-in
+    run_until(engine, FakeClock(T0 + 1_000), T0 + AWAY, [Heartbeat("u", "phone", "s1")])
+    assert device_status(engine, "phone") == "away"
+
+
+def test_timeouts_are_held_while_the_broker_link_is_down(engine: Engine) -> None:
+    engine.handle(Birth("u", "phone", "s1"), T0)
+    engine.hold_timeouts()
+    assert engine.tick(T0 + 3 * TIMEOUT) == ()  # the hub hears nobody: nobody is silent
+    assert device_status(engine, "phone") == "online"
+    fx = engine.tick(T0 + AWAY)  # what devices said before still ages
+    assert device_status(engine, "phone") == "away"
+    assert timed_out(fx) == []
+    back = T0 + AWAY + 5_000
+    engine.release_timeouts(back)  # one timeout of grace to be heard again
+    assert engine.tick(back + TIMEOUT - 1) == ()
+    assert timed_out(engine.tick(back + TIMEOUT)) == [("u", "phone")]
+
+
+def test_device_heard_within_the_grace_after_the_link_returns_stays(engine: Engine) -> None:
+    engine.handle(Birth("u", "phone", "s1"), T0)
+    engine.handle(Birth("u", "tablet", "t1"), T0)
+    engine.hold_timeouts()
+    engine.release_timeouts(T0 + 200_000)
+    engine.release_timeouts(T0 + 300_000)  # not held any more: no second grace
+    engine.handle(Heartbeat("u", "phone", "s1"), T0 + 230_000)
+    fx = engine.tick(T0 + 200_000 + TIMEOUT)
+    assert timed_out(fx) == [("u", "tablet")]
+    assert device_status(engine, "phone") == "online"
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,13 +635,14 @@ def test_republishing_unchanged_state_does_not_bump_the_version(engine: Engine) 
 
 def test_each_published_change_bumps_the_version_by_one(engine: Engine) -> None:
     versions = []
-    for i, ev in enumerate([
+    sequence: list[Event] = [
         Birth("u", "phone", "s1"),
         SetCustomStatus("u", "Lunch"),
         SetStatus("u", "dnd", "phone"),
         Birth("u", "laptop", "l1", "Laptop"),
         SetCustomStatus("u", None),
-    ]):
+    ]
+    for i, ev in enumerate(sequence):
         (pub,) = publishes(engine.handle(ev, T0 + i))
         versions.append(pub.state.version)
     assert versions == [1, 2, 3, 4, 5]
@@ -707,7 +747,7 @@ def test_who_is_online_on_a_channel_needs_activity_there_within_offline_after(
 
 def test_events_match_status_changes_exactly(engine: Engine) -> None:
     seen: list[tuple[str, str, str]] = []
-    steps = [
+    steps: list[tuple[Event, int]] = [
         (Birth("u", "phone", "s1"), T0),
         (Heartbeat("u", "phone", "s1"), T0 + HB),
         (SetStatus("u", "dnd", "phone"), T0 + HB + 1),
@@ -761,7 +801,7 @@ def test_set_device_status_offline_takes_a_device_out(engine: Engine) -> None:
     engine.handle(SetDeviceStatus("u", "panel", "online"), T0)
     engine.handle(SetDeviceStatus("u", "panel", "offline"), T0 + 1)
     assert (device_status(engine, "panel"), status(engine)) == ("offline", "offline")
-    assert engine.next_deadline() is None or engine.tick(T0 + OFFLINE_AFTER * 2) == ()
+    assert engine.tick(T0 + OFFLINE_AFTER * 2) == ()  # no timer left that changes anything
 
 
 def test_set_device_status_on_a_real_device_holds_until_it_speaks_again(engine: Engine) -> None:
@@ -1078,7 +1118,7 @@ def test_deadlines_fire_only_on_tick(engine: Engine) -> None:
     engine.handle(Birth("u", "phone", "s1"), T0)
     engine.handle(Birth("u", "tablet", "t1"), T0)
     late = T0 + 10 * TIMEOUT
-    assert engine.handle(SetCustomStatus("u", "back"), late)[0].state.status == "online"
+    assert publishes(engine.handle(SetCustomStatus("u", "back"), late))[0].state.status == "online"
     assert timed_out(engine.handle(Heartbeat("u", "tablet", "t1"), late)) == []
     assert engine.handle(Heartbeat("u", "phone", "s2"), late) == ()  # s1 still connected
     assert engine.counters["stale_session"] == 1

@@ -1,9 +1,11 @@
 """Random event sequences against the engine, checked by a reference model and invariants.
 
 Hypothesis draws sequences of births and wills (sessions from a small pool, so stale wills,
-revivals and implicit births are common), heartbeats with and without ``idleMs``, activity
-(device and API), manual status, custom status, API device status, acks, syncs, device removal,
-restarts, and clock advances with ticks, over two users with up to three devices each. Timers
+revivals and implicit births are common), heartbeats with and without ``idleMs`` (also in runs
+that keep a device alive for a while), activity (device and API), manual status, custom status,
+API device status, acks, syncs, device removal, broker link down/up (``hold_timeouts`` /
+``release_timeouts``), and clock advances with ticks, over two users with up to three devices
+each. As a hub does, the engine is ticked at ``now`` before each event. Timers
 are short (heartbeat 1 s, so timeout 2.5 s; away 8 s; offline 20 s) so every transition happens;
 away is longer than two timeouts, so idle time moved by heartbeats is not written at once and a
 restart depends on it being written in time.
@@ -25,7 +27,8 @@ After every step these must hold:
    interaction) at ``now``: in particular every deadline due at ``now`` has fired.
 7. Every effect is the one a plain reference model of DESIGN.md's rules predicts: the same
    timeouts, the same publishes (version, status, primary, custom status, devices), the same
-   events, the same activity records; the same sync status and who-is-online answers.
+   events, the same activity records; the same devices (with ``lastSeen``), sync status and
+   who-is-online answers.
 8. ``take_dirty`` (accumulated as a store would) + ``load`` into a fresh engine at the same
    ``now`` yields the same statuses, versions, primaries, devices and sync status, and no
    effects (checked after every step: a restart may come at any moment).
@@ -119,6 +122,7 @@ class Model:
 
     def __init__(self) -> None:
         self.users: dict[str, MUser] = {}
+        self.held = False  # the broker link is down: no heartbeat timeouts
         self.timed_out: list[tuple[str, str]] = []
         self.per_user: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         self.records: list[tuple[Any, ...]] = []
@@ -190,11 +194,22 @@ class Model:
         """What is due at ``now``: heartbeat timeouts; idle statuses are computed at ``now``."""
         for u in self.users.values():
             for d in u.devices.values():
+                if self.held:
+                    break
                 if d.connected and d.last_seen is not None and now - d.last_seen >= TIMEOUT:
                     d.connected = False
                     self.timed_out.append((u.id, d.id))
         for u in self.users.values():
             self.refresh(u, now)
+
+    def release(self, now: int) -> None:
+        """The broker link is back: one timeout of grace for every connected device."""
+        if self.held:
+            self.held = False
+            for u in self.users.values():
+                for d in u.devices.values():
+                    if d.connected:
+                        d.last_seen = now if d.last_seen is None else max(d.last_seen, now)
 
     # -- events
 
@@ -210,6 +225,8 @@ class Model:
             u = self.user(ev.user)
             d = self.device(u, ev.device, virtual=False)
             if d.session == ev.session:
+                if not d.ended and ev.name:  # the birth after the heartbeat that stood in
+                    d.name = ev.name
                 if d.connected:
                     d.last_seen = now
                 elif not d.ended:  # a redelivered birth revives, without an interaction
@@ -326,6 +343,8 @@ actions = st.one_of(
     st.tuples(st.just("advance"), advances),
     st.tuples(st.just("advance"), advances),
     st.tuples(st.just("tick")),
+    st.tuples(st.just("hold")),
+    st.tuples(st.just("release")),
     st.builds(Birth, users, devices, sessions, st.sampled_from([None, "Phone", "Laptop"])),
     st.builds(DeviceOffline, users, devices, sessions, st.sampled_from(["lost", "disconnect"])),
     st.builds(Heartbeat, users, devices, sessions, idles),
@@ -395,18 +414,19 @@ def check_effects(effects: list[Effect], versions: dict[str, int],
                 assert (before.old, before.new) == (e.old, e.new), e
                 assert e.event == ("online" if e.old == "offline" else "offline"), e
         if e.__class__ is not RecordActivity and e.__class__ is not DeviceTimedOut:
-            prior = last.get(getattr(e, "user_id", ""))
+            prior = last.get(e.user_id)
             if isinstance(prior, EmitEvent) and prior.event == "statusChange" and "offline" in (
                 prior.old, prior.new
             ):  # a transition from/to offline must be followed by its online/offline event
                 assert isinstance(e, EmitEvent) and e.event != "statusChange", (prior, e)
-            last[e.user_id] = e  # type: ignore[union-attr]
+            last[e.user_id] = e
     for e in last.values():
         if isinstance(e, EmitEvent) and e.event == "statusChange":
             assert "offline" not in (e.old, e.new), f"no online/offline event after {e}"
 
 
-def check_state(engine: Engine, model: Model, statuses: dict[str, str], now: int) -> None:
+def check_state(engine: Engine, model: Model, statuses: dict[str, str], now: int,
+                held: bool) -> None:
     """Invariants 2, 3, 4, 6 and the model's view of queries (7)."""
     for uid, mu in model.users.items():
         st_ = engine.get_status(uid)
@@ -444,13 +464,15 @@ def check_state(engine: Engine, model: Model, statuses: dict[str, str], now: int
                 want = "offline" if idle >= OFFLINE else "away" if idle >= AWAY else "online"
             assert d.status == want, (uid, d.id, d.status, want)
             assert not (d.connected and d.virtual)
-            if d.connected:
+            if d.connected and not held:
                 assert d.last_seen is not None and now - d.last_seen < TIMEOUT
         # 7: the model agrees on everything visible
         assert (st_.status, st_.version, st_.active_device, st_.custom_status) == (
             mu.status, mu.version, mu.primary, mu.custom), uid
-        assert [(d.id, d.name, d.status, d.virtual) for d in devs] == [
-            (d.id, d.name, d.status(now), d.virtual) for d in mu.devices.values()]
+        assert [(d.id, d.name, d.status, d.virtual, d.last_seen) for d in devs] == [
+            (d.id, d.name, d.status(now), d.virtual, d.last_seen) for d in mu.devices.values()]
+        assert st_.last_seen == max(
+            (d.last_seen for d in mu.devices.values() if d.last_seen is not None), default=None)
         sync = engine.get_sync_status(uid)
         real = [d for d in mu.devices.values() if not d.virtual]
         assert (sync.synced, sync.total, sync.last_sync) == (
@@ -524,7 +546,13 @@ def test_random_event_sequences_keep_every_invariant(steps: list[Any]) -> None:
         # and a hub ticks whenever next_deadline comes, so events meet ticked state
         model.expire(now)
         effects = list(engine.tick(now))
-        if not (isinstance(step, tuple) and step[0] == "tick"):
+        if step == ("hold",):
+            model.held = True
+            engine.hold_timeouts()
+        elif step == ("release",):
+            model.release(now)
+            engine.release_timeouts(now)
+        elif step != ("tick",):
             ev: Event
             if isinstance(step, tuple):  # ack, relative to the version the user has now
                 _, uid, did, delta = step
@@ -543,7 +571,7 @@ def test_random_event_sequences_keep_every_invariant(steps: list[Any]) -> None:
         assert per_user == {k: v for k, v in model.per_user.items() if v}
         assert records == model.records
         check_effects(effects, versions, statuses, now)
-        check_state(engine, model, statuses, now)
+        check_state(engine, model, statuses, now, model.held)
         for rec in engine.take_dirty():
             store[rec.id] = rec
         check_restart(engine, store, now)  # a restart now would see the same
