@@ -476,9 +476,13 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         token = _handling.set(delivered.result())
         try:
             result: bool = await super()._handle_message_delivery(session, handler, delivered)
-            return result
         finally:
             _handling.reset(token)
+        # Fairness: amqtt reads a client's already-buffered packets without ever yielding to
+        # the loop, so one flooding client would hold it for seconds while others' heartbeats
+        # wait (and time out). One yield per message lets every connection take turns.
+        await asyncio.sleep(0)
+        return result
 
     async def _broadcast_message(
         self, session: Any, topic: Any, data: Any, force_qos: int | None = None

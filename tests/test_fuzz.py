@@ -219,9 +219,11 @@ def test_a_flooding_device_is_throttled_alone(flood_accounts: Path,
     carol heartbeat every 100 ms: neither may time out, and bob's excess is
     dropped as rate_limited.
 
-    The timeout is 2.5 s (heartbeat interval 1 s): amqtt reads a client's buffered packets
-    without yielding to the event loop, so under a flood other clients' heartbeats can wait
-    for more than a second on this shared 2-core machine (seen: 1 in 3 runs with a 1 s timeout).
+    amqtt reads a client's buffered packets without yielding to the event loop; the broker
+    adapter yields after each message so the flood cannot starve the others. The timeout is
+    2.5 s (heartbeat interval 1 s) because this test runs the hub, the flooder and both
+    devices in one process, sharing one GIL on a shared 2-core box: with 1 s, 1 run in 3-8
+    still saw a late heartbeat (not a starving hub: a starved test process).
     """
     hub = HubThread(flood_accounts, heartbeat_interval_ms=1000).start()
     offline: list[str] = []
