@@ -119,6 +119,7 @@ class Mosquitto:
             "max_queued_messages 0",
             "max_queued_bytes 0",
             "max_inflight_messages 0",
+            "set_tcp_nodelay true",
             "max_connections -1",
             "log_dest stderr",
             "log_type error",

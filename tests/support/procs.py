@@ -277,6 +277,7 @@ class MosquittoProcess(_ServerProcess):
             "persistence_file mosquitto.db",
             "autosave_interval 1",
             "max_queued_messages 0",  # 0 = no limit (Mosquitto 2.x)
+            "set_tcp_nodelay true",  # no Nagle delays on retained updates (see README)
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
