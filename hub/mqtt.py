@@ -324,6 +324,9 @@ class PahoTransport:
                 client.tls_insecure_set(True)
         client.will_set(hub.topics.hub_status, b"offline", qos=1, retain=True)
         client.max_queued_messages_set(0)
+        # no cap on QoS 1 messages in flight to the broker: with paho's default of 20 every
+        # storm of retained updates waits on PUBACK round trips (bench: storm and republish)
+        client.max_inflight_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
