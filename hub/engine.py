@@ -78,6 +78,7 @@ Persistence (``take_dirty``, ``load``)
 
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 from collections import Counter
@@ -481,8 +482,22 @@ class Engine:
         return _NO_EFFECTS
 
     def tick(self, now: int) -> Sequence[Effect]:
-        """Fire every deadline that is due at ``now``."""
-        self._fire(now)
+        """Fire every deadline that is due at ``now``.
+
+        The cyclic garbage collector is held off while a tick runs: a mass expiry allocates
+        hundreds of thousands of short-lived effect objects, none in a cycle, and the young
+        collections they trigger were ~60% of a 100k-device expiry (measured: 3.6-6.0 s with,
+        1.7 s without). It is switched back on, as it was, before the tick returns.
+        """
+        if not self._heap or self._heap[0][0] > now:
+            return _NO_EFFECTS
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._fire(now)
+        finally:
+            if collecting:
+                gc.enable()
         return self._drain()
 
     def _fire(self, now: int) -> None:
