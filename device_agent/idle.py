@@ -85,16 +85,8 @@ class CommandIdle:
         self._report = _Reporter(self.name)
 
     def idle_ms(self) -> int | None:
-        try:
-            done = subprocess.run(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self._report.failed(str(exc))
+        done = _run(self.argv, self.timeout, self._report)
+        if done is None:
             return None
         if done.returncode != 0:
             err = done.stderr.decode(errors="replace").strip().splitlines()
@@ -137,16 +129,8 @@ class IoregIdle:
         self._report = _Reporter(self.name)
 
     def idle_ms(self) -> int | None:
-        try:
-            done = subprocess.run(
-                ["ioreg", "-c", "IOHIDSystem", "-d", "4"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self._report.failed(str(exc))
+        done = _run(["ioreg", "-c", "IOHIDSystem", "-d", "4"], self.timeout, self._report)
+        if done is None:
             return None
         match = _IOREG_RE.search(done.stdout)
         if done.returncode != 0 or match is None:
@@ -154,6 +138,19 @@ class IoregIdle:
             return None
         self._report.worked()
         return int(match.group(1)) // 1_000_000
+
+
+def _run(
+    argv: Sequence[str], timeout: float, report: _Reporter
+) -> subprocess.CompletedProcess[bytes] | None:
+    """Run an idle probe with no stdin and a deadline; a failure to run is reported, not raised."""
+    try:
+        return subprocess.run(
+            list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        report.failed(str(exc))
+        return None
 
 
 def _first_number(output: bytes) -> int | None:
