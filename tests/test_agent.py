@@ -27,13 +27,13 @@ from device_agent import (
     HubUnavailable,
     PresenceAgent,
 )
-from hub.protocol import DeviceEntry, UserStatePayload
+from hub.protocol import DeviceEntry, ReplyPayload, UserStatePayload
+from tests.support.hub_process import HubProcess
 from tests.support.procs import MosquittoProcess, free_port
 from tests.support.wait import wait_for
 from tests.test_agent_helpers import (
     DEVICE,
     USER,
-    FakeHub,
     TcpProxy,
     Watcher,
     agent_config,
@@ -60,9 +60,13 @@ def proxy(mosquitto: MosquittoProcess) -> Iterator[TcpProxy]:
 
 
 @pytest.fixture
-def fake_hub(mosquitto: MosquittoProcess) -> Iterator[FakeHub]:
-    """Stand-in for the hub's command handler (can be switched to the real hub)."""
-    hub = FakeHub(mosquitto.host, mosquitto.port)
+def real_hub(mosquitto: MosquittoProcess, tmp_path: Path) -> Iterator[HubProcess]:
+    """The real hub on the same Mosquitto, answering requests with its command handler."""
+    workdir = tmp_path / "hub"
+    workdir.mkdir()
+    hub = HubProcess(["--broker", mosquitto.url, "--storage", "memory"], workdir)
+    hub.env = {k: v for k, v in hub.env.items() if not k.startswith("PRESENCE_")}
+    hub.start()
     yield hub
     hub.close()
 
@@ -351,14 +355,19 @@ def test_retained_state_drives_callbacks_state_file_and_ack(
 
 
 def test_request_returns_the_hubs_reply_for_its_own_id(
-    mosquitto: MosquittoProcess, fake_hub: FakeHub, tmp_path: Path
+    mosquitto: MosquittoProcess, real_hub: HubProcess, tmp_path: Path
 ) -> None:
     with PresenceAgent(agent_config(tmp_path, mosquitto.url)) as agent:
-        reply = agent.request("/presence who telegram-123", timeout=5)
-        assert reply.ok and reply.text == "hub got: /presence who telegram-123"
-        assert reply.data == {"command": "/presence who telegram-123", "user": USER,
-                              "device": DEVICE}
-        assert fake_hub.requests == [(USER, DEVICE, "/presence who telegram-123")]
+        assert agent.wait_connected(10)
+        reply = wait_for(lambda: _who(agent), what="the hub to list the agent's user")
+        assert reply.ok and USER in reply.text
+        assert [u["user_id"] for u in reply.data] == [USER]
+        assert agent.request("/presence bogus", timeout=5).ok is False
+
+
+def _who(agent: PresenceAgent) -> ReplyPayload | None:
+    reply = agent.request("/presence who", timeout=5)
+    return reply if reply.data else None
 
 
 def test_request_without_a_hub_raises_hub_unavailable_in_time(

@@ -24,7 +24,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import AgentConfig
-from hub.protocol import ReplyPayload, RequestPayload, Topics
 from tests.support.wait import wait_for
 
 USER = "alice"
@@ -222,48 +221,6 @@ class TcpProxy:
         self._server.close()
         self.cut()
         self._thread.join(2)
-
-
-class FakeHub:
-    """Answers chat-command requests like the hub will: ``{"id","ok","text","data"}``.
-
-    Written as a stand-in while the hub's command handler did not exist yet; tests using the
-    ``fake_hub`` fixture can switch to the real hub (``real_hub`` in test_agent_command.py).
-    A command containing ``fail`` gets ``ok: false``.
-    """
-
-    def __init__(self, host: str, port: int, prefix: str = PREFIX) -> None:
-        self.topics = Topics(prefix)
-        self.requests: list[tuple[str, str, str]] = []  # (user, device, command)
-        ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-hub")
-        self.client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(
-            f"{prefix}/devices/+/+/req", qos=1
-        )
-        self.client.on_subscribe = lambda *_a: ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, port)
-        self.client.loop_start()
-        if not ready.wait(5):
-            raise AssertionError("fake hub could not subscribe")
-
-    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        where = self.topics.parse_device_topic(message.topic)
-        request = RequestPayload.model_validate_json(message.payload)
-        user, device = where.user, where.device  # type: ignore[union-attr]
-        self.requests.append((user, device, request.command))
-        ok = "fail" not in request.command
-        reply = ReplyPayload(
-            id=request.id,
-            ok=ok,
-            text=f"hub got: {request.command}" if ok else "no such thing: try /presence help",
-            data={"command": request.command, "user": user, "device": device},
-        )
-        client.publish(self.topics.reply(user, device), reply.to_json(), qos=1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def agent_config(tmp_path: Path, broker: str, **overrides: Any) -> AgentConfig:
