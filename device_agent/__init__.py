@@ -13,8 +13,10 @@ Command line: ``presence-agent`` (the daemon, see :mod:`device_agent.cli`) and `
 (chat commands against the hub, see :mod:`device_agent.command`).
 """
 
+from hub.urls import BrokerURL
+
 from .agent import PresenceAgent, build_activity, queue_activity
-from .config import AgentConfig, BrokerURL, load_config
+from .config import AgentConfig, load_config
 from .errors import (
     AgentError,
     AgentLocked,

@@ -32,10 +32,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import unquote, urlsplit
 
 from hub.durations import parse_duration_ms
 from hub.protocol import DEFAULT_PREFIX, InvalidId, validate_id, validate_prefix
+from hub.urls import BrokerURL, InvalidURL
 
 from .errors import ConfigError
 
@@ -100,73 +100,6 @@ KEYS: Final[tuple[Key, ...]] = (
 KEYS_BY_NAME: Final[dict[str, Key]] = {key.name: key for key in KEYS}
 
 _DEFAULT_BROKER: Final = "mqtt://localhost:1883"
-_SCHEMES: Final[dict[str, tuple[bool, int]]] = {
-    "mqtt": (False, 1883),
-    "tcp": (False, 1883),
-    "mqtts": (True, 8883),
-    "ssl": (True, 8883),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Broker URL
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerURL:
-    """Where the broker is and how to log in; ``str()`` hides the password for log lines."""
-
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def parse(cls, text: str) -> BrokerURL:
-        if "://" not in text:
-            raise ConfigError(
-                f"invalid broker URL {text!r}: use mqtt://host:1883 or mqtts://host:8883"
-            )
-        try:
-            parts = urlsplit(text)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"invalid broker URL {_redact(text)!r}: {exc}") from None
-        scheme = parts.scheme.lower()
-        if scheme not in _SCHEMES:
-            raise ConfigError(
-                f"unsupported broker URL scheme {parts.scheme!r} in {_redact(text)!r}:"
-                " use mqtt:// or mqtts://"
-            )
-        if not parts.hostname:
-            raise ConfigError(f"broker URL {_redact(text)!r} has no host name")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(
-                f"broker URL {_redact(text)!r} must not have a path or query: use scheme://host:port"
-            )
-        tls, default_port = _SCHEMES[scheme]
-        return cls(
-            host=parts.hostname,
-            port=port or default_port,
-            tls=tls,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password is not None else None,
-        )
-
-    def __str__(self) -> str:
-        scheme = "mqtts" if self.tls else "mqtt"
-        auth = ""
-        if self.username:
-            auth = self.username + (":***" if self.password else "") + "@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{auth}{host}:{self.port}"
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
 # --------------------------------------------------------------------------------------------
 # The settings
 
@@ -503,7 +436,7 @@ class _Converter:
             return None
         try:
             return BrokerURL.parse(value)
-        except ConfigError as exc:
+        except InvalidURL as exc:
             raise ConfigError(f"{exc} ({self.where(name)})") from None
 
     def duration(self, name: str, default: int) -> int:

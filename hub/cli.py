@@ -240,7 +240,7 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
             access: str | None = None, tls_url: str | None = None) -> str:
     host, _, port = settings["listen"].rpartition(":")
     if broker != "embedded":
-        from hub.mqtt import BrokerURL
+        from hub.urls import BrokerURL
 
         parsed = BrokerURL.parse(broker)
         host, port = parsed.host, str(parsed.port)
@@ -348,7 +348,7 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
     elif broker == "embedded":
         desc = f"embedded broker on {host}:{port}"
     else:
-        from hub.mqtt import redact
+        from hub.urls import redact_url as redact
 
         desc = f"external broker {redact(broker)}"
     log.info("broker: %s", desc)

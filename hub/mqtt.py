@@ -25,9 +25,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -47,6 +45,7 @@ from hub.protocol import (
     text_payload,
 )
 from hub.service import PresenceError, PresenceService
+from hub.urls import BrokerURL, InvalidURL
 
 log = logging.getLogger(__name__)
 
@@ -62,51 +61,6 @@ class Publisher(Protocol):
     """Puts one message on the wire without blocking the loop; order is preserved."""
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerURL:
-    """An ``mqtt://user:pass@host:port`` or ``mqtts://`` URL, parsed once with clear errors."""
-
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerURL:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise PresenceError(
-                f"invalid broker URL {redact(url)!r}: use mqtt://host:port or mqtts://host:port"
-            )
-        tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError:
-            raise PresenceError(f"invalid port in broker URL {redact(url)!r}") from None
-        if not parts.hostname:
-            raise PresenceError(f"broker URL {redact(url)!r} has no host")
-        return cls(
-            host=parts.hostname,
-            port=port,
-            tls=tls,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -518,7 +472,10 @@ def attach_mqtt(
                                      credentials=store, tls=tls)
 
     else:
-        url = BrokerURL.parse(broker)
+        try:
+            url = BrokerURL.parse(broker)
+        except InvalidURL as exc:
+            raise PresenceError(str(exc)) from None
 
         def factory(hub: MqttHub) -> Any:
             return PahoTransport(hub, url, client_id=client_id, ca_file=ca_file,
@@ -538,5 +495,4 @@ __all__ = [
     "attach_mqtt",
     "broker_answers",
     "parse_listen",
-    "redact",
 ]

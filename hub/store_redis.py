@@ -31,7 +31,6 @@ import logging
 import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError, WatchError
 
 from hub.models import Activity, DeviceRecord, UserRecord
 from hub.store import ActivityLimits, StoreError, select_activity
+from hub.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +145,6 @@ class _HashCodec:
 
 _USER_CODEC = _HashCodec(UserRecord, exclude=frozenset({"devices"}))
 _DEVICE_CODEC = _HashCodec(DeviceRecord)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
 
 
 class RedisStore:

@@ -169,3 +169,17 @@ def test_parse_never_raises_on_json_shaped_garbage(kind: str, body: object) -> N
     payload = json.dumps(body).encode()
     result = T.parse(f"presence/devices/u/d/{kind}", payload)
     assert isinstance(result, Rejection | DeviceMessage)
+
+
+def test_broker_urls_are_parsed_once_for_hub_and_agent_and_never_show_passwords() -> None:
+    from hub.urls import BrokerURL, InvalidURL, redact_url
+
+    url = BrokerURL.parse("mqtts://alice%2Fphone:s3cret@hub.lan")
+    assert (url.host, url.port, url.tls, url.username, url.password) == (
+        "hub.lan", 8883, True, "alice/phone", "s3cret")
+    assert "s3cret" not in str(url) and "s3cret" not in repr(url)
+    assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    for bad in ("hub.lan:1883", "http://hub.lan", "mqtt://", "mqtt://h/path", "mqtt://h:99999"):
+        with pytest.raises(InvalidURL) as info:
+            BrokerURL.parse(bad)
+        assert "s3cret" not in str(info.value)
