@@ -558,6 +558,21 @@ class Engine:
                     d.last_seen = now if d.last_seen is None else max(d.last_seen, now)
                     self._schedule(d, now)
 
+    def check(self, event: Event) -> None:
+        """Raise :class:`EngineError` if ``event`` would be refused, changing nothing.
+
+        The caller can check every event of one message before applying any, so a message
+        that is refused in part (a ``set`` with a status and too long a custom status) changes
+        nothing at all.
+        """
+        if type(event) is SetCustomStatus and event.text is not None:
+            length = len(event.text.strip())
+            if length > self.config.max_custom_status:
+                raise EngineError(
+                    f"custom status is {length} characters; the limit is "
+                    f"{self.config.max_custom_status}"
+                )
+
     def next_deadline(self) -> int | None:
         """When :meth:`tick` next has work (may be early: superseded entries pop as no-ops)."""
         return self._heap[0][0] if self._heap else None
@@ -727,16 +742,8 @@ class Engine:
         self._refresh_device(d, now)
 
     def _set_custom_status(self, ev: SetCustomStatus, now: int) -> None:
-        text = ev.text
-        if text is not None:
-            text = text.strip()
-            if len(text) > self.config.max_custom_status:
-                raise EngineError(
-                    f"custom status is {len(text)} characters; the limit is "
-                    f"{self.config.max_custom_status}"
-                )
-            if not text:
-                text = None
+        self.check(ev)
+        text = (ev.text.strip() or None) if ev.text is not None else None
         u = self._user_for(ev.user)
         u.custom_status = text
         self._dirty.add(u.id)

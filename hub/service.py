@@ -48,7 +48,6 @@ from hub.protocol import (
     DeviceMessage,
     DeviceTopic,
     Rejection,
-    SetPayload,
     Topics,
     UserStatePayload,
     decode_payload,
@@ -426,26 +425,17 @@ class PresenceService:
             if msg.kind == "req":
                 self._request(msg)
                 continue
-            body = msg.body
-            if (
-                type(body) is SetPayload
-                and body.custom_status is not None
-                and len(body.custom_status.strip()) > self.config.engine.max_custom_status
-            ):
-                # refuse the whole message before any part of it (its status) is applied
-                rejected += 1
-                self._reject(Rejection("refused", f"{msg.user}/{msg.device}: custom status "
-                             f"longer than {self.config.engine.max_custom_status} characters"), now)
-                continue
-            for event in events_from_message(msg):
-                try:
+            events = events_from_message(msg)
+            try:
+                for event in events:  # all or nothing: a message refused in part changes nothing
+                    engine.check(event)
+                for event in events:
                     effects = engine.handle(event, now)
-                except EngineError as exc:
-                    rejected += 1
-                    self._reject(Rejection("refused", f"{msg.user}/{msg.device}: {exc}"), now)
-                    continue
-                if effects:
-                    self._apply(effects)
+                    if effects:
+                        self._apply(effects)
+            except EngineError as exc:
+                rejected += 1
+                self._reject(Rejection("refused", f"{msg.user}/{msg.device}: {exc}"), now)
         self._poke()
         return rejected
 
