@@ -14,7 +14,7 @@ Will latency, still under that load: ``kills`` real devices (one TCP connection 
 agent's retained QoS 1 will) are born, then one at a time the socket is closed with a RST (no
 DISCONNECT) and the time until the hub's retained ``P/users/{u}/state`` shows the device
 offline is taken. It includes the broker noticing the dead socket, sending the will, the hub's
-deliberate 25 ms hold of offline ``conn`` messages (PahoTransport._hold) and the publish back.
+deliberate 25 ms hold of offline ``conn`` messages (ExternalTransport._hold) and the publish back.
 """
 
 from __future__ import annotations

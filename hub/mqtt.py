@@ -5,13 +5,12 @@ Two ways onto the wire, one sink:
 * **Embedded** (``broker="embedded"``): an amqtt broker runs in this process and its plugin
   hands every client message straight to the service on the loop thread; the hub publishes
   straight into the broker. No client loop, no socket between hub and broker.
-* **External** (``broker="mqtt://..."`` or ``mqtts://``): a paho-mqtt client on a persistent
-  session (fixed client id, clean session off) subscribed at QoS 1, so activity published while
-  the hub is down is delivered when it returns. paho runs on the event loop itself (no paho
-  thread, see :mod:`hub.paho_loop`); its ``on_message`` appends to a deque and the service
-  ingests once per batch (not once per message). QoS 1 messages are acked
-  manually, only after the flush that persisted them, so a SIGKILL of the hub loses nothing:
-  the broker redelivers what was not acked.
+* **External** (``broker="mqtt://..."`` or ``mqtts://``): the hub's own asyncio MQTT client
+  (:mod:`hub.mqtt_client`, which replaced paho there: see its docstring for the figures) on a
+  persistent session (fixed client id, clean session off) subscribed at QoS 1, so activity
+  published while the hub is down is delivered when it returns. Every read from the socket is
+  one ``ingest`` batch. QoS 1 messages are acked manually, only after the flush that persisted
+  them, so a SIGKILL of the hub loses nothing: the broker redelivers what was not acked.
 
 Retained user topics are published only when their payload changed (a ``sync`` republishes
 all). ``P/hub/status`` is ``online`` while the hub runs, with ``offline`` as its will.
@@ -23,17 +22,13 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
-
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.auth import CredentialStore
 from hub.broker import BrokerError, EmbeddedBroker, TlsListener
 from hub.engine import DeviceTimedOut, EmitEvent
-from hub.paho_loop import AsyncioPahoLoop, jittered_backoff
+from hub.mqtt_client import HubMqttClient, Received, Will, jittered_backoff
 from hub.protocol import (
     DeviceMessage,
     DeviceTopic,
@@ -233,11 +228,16 @@ class EmbeddedTransport:
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
 
-# ---------------------------------------------------------------------- external broker (paho)
+# ---------------------------------------------------------------------- external broker
 
 
-class PahoTransport:
-    """A paho-mqtt client on a persistent session, handing messages to the loop in batches."""
+class ExternalTransport:
+    """The hub on an external broker through :class:`~hub.mqtt_client.HubMqttClient`.
+
+    A persistent session (fixed client id, clean session off) subscribed at QoS 1; every read
+    from the socket becomes one ``ingest`` batch. QoS 1 messages are acked after the flush that
+    persisted them (requests at once: they need no persistence).
+    """
 
     def __init__(
         self,
@@ -249,6 +249,7 @@ class PahoTransport:
         tls_insecure: bool = False,
         keepalive: int = 30,
         will_hold_ms: int = 25,
+        backoff: Callable[[int], float] | None = None,
     ) -> None:
         self.hub = hub
         self.will_hold_ms = will_hold_ms
@@ -256,44 +257,32 @@ class PahoTransport:
         self.wills_dropped = 0
         self.url = url
         self.loop = asyncio.get_running_loop()
-        self._inbox: deque[tuple[str, bytes, int, int]] = deque()
-        self._scheduled = False
-        self._unacked: list[tuple[int, int]] = []  # (mid, qos) ingested, not yet persisted
-        self._acking: list[tuple[int, int]] = []  # in the flush under way
+        # (mid, qos, connection generation) ingested, not yet persisted / in the flush under way
+        self._unacked: list[tuple[int, int, int]] = []
+        self._acking: list[tuple[int, int, int]] = []
         self._first_connect = True
         self.connected = asyncio.Event()
         self.ingested = 0
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,
-            protocol=paho.MQTTv311,
-            manual_ack=True,
-        )
-        if url.username is not None:
-            client.username_pw_set(url.username, url.password)
+        context: ssl.SSLContext | None = None
         if url.tls:
-            client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            context = ssl.create_default_context(cafile=ca_file)
             if tls_insecure:
-                client.tls_insecure_set(True)
-        client.will_set(hub.topics.hub_status, b"offline", qos=1, retain=True)
-        client.max_queued_messages_set(0)
-        # no cap on QoS 1 messages in flight to the broker: with paho's default of 20 every
-        # storm of retained updates waits on PUBACK round trips (bench: storm and republish)
-        client.max_inflight_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        self.client = client
-        self.keepalive = keepalive
-        self.driver = AsyncioPahoLoop(
-            client, self.loop, host=url.host, port=url.port, keepalive=keepalive,
-            backoff=_backoff,
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        self.client = HubMqttClient(
+            url.host, url.port, client_id=client_id, clean_session=False, keepalive=keepalive,
+            username=url.username, password=url.password, ssl_context=context,
+            will=Will(hub.topics.hub_status, b"offline", 1, True),
+            subscriptions=[(hub.topics.device_filter, 1)],
+            on_messages=self._on_messages, on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect, on_oversize=self._on_oversize,
+            max_packet_bytes=hub.service.config.max_payload_bytes + PACKET_HEADROOM,
+            backoff=backoff or _backoff,
         )
 
     async def start(self) -> None:
-        log.info("connecting to MQTT broker %s as %s", self.url, self.client._client_id.decode())
-        await self.driver.start()
+        log.info("connecting to MQTT broker %s as %s", self.url, self.client.client_id)
+        await self.client.start()
         try:
             await asyncio.wait_for(self.connected.wait(), timeout=10)
         except TimeoutError:
@@ -301,56 +290,31 @@ class PahoTransport:
 
     async def stop(self) -> None:
         # persist and ack what we have before leaving, so nothing is redelivered needlessly
-        self._drain()
+        self._release()
         await self.hub.service.flush()
-        info = self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
-        if self.client.is_connected():
-            # the loop itself carries the PUBACK now: wait without blocking it
-            deadline = self.loop.time() + 2.0
-            while not info.is_published() and self.client.is_connected():
-                if self.loop.time() >= deadline:
-                    break
-                await asyncio.sleep(0.005)
-        await self.driver.stop()  # DISCONNECT (no will), socket closed, no more reconnects
+        mid = self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
+        if self.client.connected:
+            await self.client.wait_acked(mid, 2.0)
+        await self.client.stop()  # DISCONNECT (no will), socket closed, no more reconnects
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+        self.client.publish(topic, payload, qos, retain)
 
-    # paho callbacks: on the loop thread (AsyncioPahoLoop) ---------------------------------------
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
-                    props: Any = None) -> None:
-        if rc.is_failure:
-            # paho closes the socket; the driver retries with backoff
-            log.error("broker %s refused the hub: %s", self.url, rc)
-            return
-        log.info("hub connected to %s (session present: %s)", self.url, flags.session_present)
-        client.subscribe(self.hub.topics.device_filter, qos=1)
-        client.publish(self.hub.topics.hub_status, b"online", qos=1, retain=True)
+    # client callbacks, on the loop ----------------------------------------------------------
+    def _on_connect(self, session_present: bool) -> None:
+        log.info("hub connected to %s (session present: %s)", self.url, session_present)
+        self.client.publish(self.hub.topics.hub_status, b"online", qos=1, retain=True)
         first, self._first_connect = self._first_connect, False
-        # after paho's CONNACK handling, as before (republish_all is thousands of publishes)
-        self.loop.call_soon(self._connected, first)
-
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any,
-                       props: Any = None) -> None:
-        if rc.is_failure:
-            log.warning("hub lost the broker %s (%s); reconnecting", self.url, rc)
-        self.loop.call_soon(self._disconnected)  # after the batch _drain already scheduled
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        # one ingest per read burst (the driver reads up to 256 KiB per wake-up)
-        self._inbox.append((msg.topic, bytes(msg.payload), msg.mid, msg.qos))
-        if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._drain)
-
-    def _connected(self, first: bool) -> None:
         self.connected.set()
         self.hub.service.link_up()
         if first:
             self.hub.republish_all()
 
-    def _disconnected(self) -> None:
+    def _on_disconnect(self, why: str) -> None:
+        log.warning("hub lost the broker %s (%s); reconnecting", self.url, why)
         self.connected.clear()
+        # acks of messages from the lost connection are void: the broker redelivers them
+        self._unacked = []
         if self._held:
             log.warning("dropped %d offline message(s) that came just before the broker link "
                         "went down (a broker shutdown sends every will)", len(self._held))
@@ -358,18 +322,23 @@ class PahoTransport:
             self._held = []
         self.hub.service.link_down()
 
-    def _drain(self) -> None:
-        self._scheduled = False
-        inbox = self._inbox
+    def _on_oversize(self, topic: str, size: int, mid: int, qos: int) -> None:
+        self.hub.service.reject("too_large", f"{topic}: payload of {size} bytes, over "
+                                f"{self.hub.service.config.max_payload_bytes}")
+
+    def _on_messages(self, received: list[Received]) -> None:
         batch: list[tuple[str, bytes]] = []
         acks = self._unacked
+        gen = self.client.generation
         hold = self.will_hold_ms > 0
         ack_now: list[tuple[int, int]] = []
-        while inbox:
-            topic, payload, mid, qos = inbox.popleft()
+        for topic, payload, mid, qos in received:
             if qos:
                 # a request needs no persistence: ack it at once; the rest after their flush
-                (ack_now if topic.endswith("/req") else acks).append((mid, qos))
+                if topic.endswith("/req"):
+                    ack_now.append((mid, qos))
+                else:
+                    acks.append((mid, qos, gen))
             if hold and topic.endswith("/conn") and b'"offline"' in payload:
                 self._hold(topic, payload)
                 continue
@@ -378,7 +347,7 @@ class PahoTransport:
             self.ingested += len(batch)
             self.hub.service.ingest(batch)
         for mid, qos in ack_now:
-            self.client.ack(mid, qos)
+            self.client.ack(mid, qos, gen)
         if len(acks) >= ACK_WINDOW:
             # the broker stops sending QoS 1 at its in-flight limit (Mosquitto: 20) until we
             # ack: flush now rather than at the next period so they do not stall
@@ -411,8 +380,9 @@ class PahoTransport:
     def after_flush(self) -> None:
         """That flush is durable: ack its messages so the broker can forget them."""
         acks, self._acking = self._acking, []
-        for mid, qos in acks:
-            self.client.ack(mid, qos)
+        ack = self.client.ack
+        for mid, qos, gen in acks:
+            ack(mid, qos, gen)
 
     def device_timed_out(self, effect: DeviceTimedOut, client_id: str | None) -> None:
         return None  # the external broker enforces keepalive and sends the will itself
@@ -478,8 +448,8 @@ def attach_mqtt(
             raise PresenceError(str(exc)) from None
 
         def factory(hub: MqttHub) -> Any:
-            return PahoTransport(hub, url, client_id=client_id, ca_file=ca_file,
-                                 tls_insecure=tls_insecure)
+            return ExternalTransport(hub, url, client_id=client_id, ca_file=ca_file,
+                                     tls_insecure=tls_insecure)
 
     hub = MqttHub(service, factory)
     service.attach(hub)
@@ -490,8 +460,8 @@ __all__ = [
     "BrokerError",
     "BrokerURL",
     "EmbeddedTransport",
+    "ExternalTransport",
     "MqttHub",
-    "PahoTransport",
     "attach_mqtt",
     "broker_answers",
     "parse_listen",

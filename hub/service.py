@@ -439,6 +439,11 @@ class PresenceService:
         self._poke()
         return rejected
 
+    def reject(self, reason: str, detail: str) -> None:
+        """Count and log a message a transport dropped before it reached :meth:`ingest`
+        (a packet too big to buffer, say)."""
+        self._reject(Rejection(reason, detail), self.clock.now())
+
     def _reject(self, why: Rejection, now: int) -> None:
         """Count every drop; log at most one line per reason per second (a flood of junk must
         not become a flood of log lines)."""
