@@ -481,8 +481,13 @@ class Engine:
                     return self._drain()
         return _NO_EFFECTS
 
-    def tick(self, now: int) -> Sequence[Effect]:
-        """Fire every deadline that is due at ``now``.
+    def tick(self, now: int, limit: int | None = None) -> Sequence[Effect]:
+        """Fire every deadline that is due at ``now`` (at most ``limit`` of them).
+
+        With a ``limit`` the caller gets the effects of a mass expiry in slices and can put
+        each on the wire before computing the next (the hub does: the first users of a storm
+        are published at once instead of after the whole pass); :meth:`next_deadline` tells
+        whether more are due. A user whose devices fall in two slices may publish twice.
 
         The cyclic garbage collector is held off while a tick runs: a mass expiry allocates
         hundreds of thousands of short-lived effect objects, none in a cycle, and the young
@@ -494,13 +499,13 @@ class Engine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            self._fire(now)
+            self._fire(now, limit)
         finally:
             if collecting:
                 gc.enable()
         return self._drain()
 
-    def _fire(self, now: int) -> None:
+    def _fire(self, now: int, limit: int | None = None) -> None:
         """Pop due heap entries; each user is re-evaluated once, after all its devices.
 
         One pass per user means devices that expire together (a broker outage drops every
@@ -513,7 +518,9 @@ class Engine:
         changed: dict[str, _User] = {}
         timeouts = 0
         held = self._timeouts_held
-        while heap and heap[0][0] <= now:
+        budget = -1 if limit is None else limit
+        while heap and heap[0][0] <= now and budget:
+            budget -= 1
             when, _, d = heapq.heappop(heap)
             if d.removed or d.due != when:
                 continue  # superseded entry

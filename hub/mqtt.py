@@ -50,12 +50,21 @@ RECONNECT_MIN_S = 0.5
 ACK_WINDOW = 10
 RECONNECT_MAX_S = 30.0
 HUB_CLIENT_ID = "presence-hub"
+#: users whose retained topics are republished per loop turn (4 messages each)
+REPUBLISH_SLICE = 500
+#: unacked messages above which a republish waits for the broker
+REPUBLISH_BACKLOG = 50_000
 
 
 class Publisher(Protocol):
     """Puts one message on the wire without blocking the loop; order is preserved."""
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("republishing retained state failed", exc_info=task.exception())
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -85,6 +94,7 @@ class MqttHub:
         self._transport: Any = None
         #: (user, device) -> MQTT client id that sent its birth (embedded broker only)
         self.client_ids: dict[tuple[str, str], str] = {}
+        self._republishing: asyncio.Future[None] | None = None
 
     @property
     def transport(self) -> Any:
@@ -99,6 +109,8 @@ class MqttHub:
     async def stop(self) -> None:
         if self._transport is None:
             return
+        if self._republishing is not None:
+            self._republishing.cancel()
         await self._transport.stop()
         self.service.remove_sink(self)
 
@@ -143,11 +155,34 @@ class MqttHub:
             hook()
 
     def republish_all(self) -> None:
-        """Every user's retained topics, e.g. at start (an embedded broker forgets them)."""
-        for uid in self.service.engine.user_ids():
-            state = self.service.engine.snapshot(uid)
-            if state is not None:
-                self.publish_state(state, forced=True)
+        """Every user's retained topics, e.g. at start (an embedded broker forgets them).
+
+        In the background, :data:`REPUBLISH_SLICE` users per loop turn, pausing while the
+        transport has more than :data:`REPUBLISH_BACKLOG` messages unacked: a million devices
+        are millions of messages, which must not sit in memory at once nor hold the loop
+        (heartbeats are read in between). A user whose state changes meanwhile is published
+        with its newest state; publishing a snapshot is idempotent.
+        """
+        if self._republishing is not None:
+            self._republishing.cancel()
+        self._republishing = asyncio.ensure_future(self._republish(self.service.engine.user_ids()))
+        self._republishing.add_done_callback(_log_failure)
+
+    async def _republish(self, user_ids: list[str]) -> None:
+        engine = self.service.engine
+        drained = getattr(self._transport, "drained", None)
+        began = asyncio.get_running_loop().time()
+        for start in range(0, len(user_ids), REPUBLISH_SLICE):
+            for uid in user_ids[start:start + REPUBLISH_SLICE]:
+                state = engine.snapshot(uid)
+                if state is not None:
+                    self.publish_state(state, forced=True)
+            await asyncio.sleep(0)
+            if drained is not None:
+                await drained(REPUBLISH_BACKLOG)
+        if user_ids:
+            log.info("republished the retained state of %d users in %.2f s", len(user_ids),
+                     asyncio.get_running_loop().time() - began)
 
     # ------------------------------------------------------------------ requests
 
@@ -292,13 +327,17 @@ class ExternalTransport:
         # persist and ack what we have before leaving, so nothing is redelivered needlessly
         self._release()
         await self.hub.service.flush()
-        mid = self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
+        self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
         if self.client.connected:
-            await self.client.wait_acked(mid, 2.0)
+            await self.client.wait_all_acked(2.0)
         await self.client.stop()  # DISCONNECT (no will), socket closed, no more reconnects
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.client.publish(topic, payload, qos, retain)
+
+    async def drained(self, below: int) -> None:
+        """Return once at most ``below`` published messages wait for the broker's ack."""
+        await self.client.drained(below)
 
     # client callbacks, on the loop ----------------------------------------------------------
     def _on_connect(self, session_present: bool) -> None:

@@ -32,8 +32,10 @@ import logging
 import random
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ LOST_BEFORE_CONNACK = -1
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+#: QoS 1 messages sent and not acked before more wait in the queue (packet ids are 16 bits)
+MAX_INFLIGHT = 16384
 #: how often keepalive is checked (pings are due after ``keepalive`` seconds of silence)
 TICK_S = 1.0
 
@@ -359,6 +363,7 @@ class HubMqttClient:
         max_packet_bytes: int = 16 * 1024 * 1024,
         backoff: Callable[[int], float] = jittered_backoff,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
@@ -377,9 +382,13 @@ class HubMqttClient:
                                               clean_session=clean_session, username=username,
                                               password=password, will=will)
         self._conn: _Connection | None = None
-        #: outgoing QoS 1 messages the broker has not acked, by packet id (insertion order)
+        #: outgoing QoS 1 messages sent and not acked yet, by packet id (insertion order)
         self._inflight: dict[int, tuple[str, bytes, bool]] = {}
-        self._acked_waiters: dict[int, asyncio.Future[None]] = {}
+        #: QoS 1 messages waiting for a packet id: beyond ``max_inflight``, or while disconnected
+        self._queue: deque[tuple[str, bytes, bool]] = deque()
+        self.max_inflight = max_inflight
+        #: (pending at most, future) of :meth:`drained` callers
+        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._next_mid = 0
         self._task: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -432,21 +441,32 @@ class HubMqttClient:
                 await self._task
             self._task = None
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
-        """Send a message; QoS 1 is kept until acked (and queued while disconnected).
-
-        Returns the packet id (0 for QoS 0). A QoS 0 message while disconnected is dropped.
-        """
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        """Send a message, in order. QoS 1 is kept until acked: beyond ``max_inflight``
+        unacked messages, and while disconnected, it waits in a queue. QoS 0 while
+        disconnected is dropped."""
         conn = self._conn
         if qos == 0:
             if conn is not None and conn.established:
                 conn.write(encode_publish(topic, payload, 0, retain))
-            return 0
+            return
+        if (conn is None or not conn.established or self._queue
+                or len(self._inflight) >= self.max_inflight):
+            self._queue.append((topic, payload, retain))
+            return
         mid = self._new_mid()
         self._inflight[mid] = (topic, payload, retain)
-        if conn is not None and conn.established:
+        conn.write(encode_publish(topic, payload, 1, retain, mid))
+
+    def _send_queued(self, conn: _Connection) -> None:
+        queue, inflight = self._queue, self._inflight
+        room = self.max_inflight - len(inflight)
+        while room > 0 and queue:
+            topic, payload, retain = queue.popleft()
+            mid = self._new_mid()
+            inflight[mid] = (topic, payload, retain)
             conn.write(encode_publish(topic, payload, 1, retain, mid))
-        return mid
+            room -= 1
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge a received message, if it came on the current connection.
@@ -460,16 +480,25 @@ class HubMqttClient:
         conn.write(encode_ack(PUBACK if qos == 1 else PUBREC, mid))
 
     def pending(self) -> int:
-        """Outgoing QoS 1 messages not yet acked by the broker."""
-        return len(self._inflight)
+        """Outgoing QoS 1 messages not yet acked by the broker (sent or queued)."""
+        return len(self._inflight) + len(self._queue)
 
-    async def wait_acked(self, mid: int, within_s: float) -> bool:
-        """Wait until the broker acked the QoS 1 message ``mid``; False on timeout."""
-        if mid not in self._inflight:
-            return True
-        fut = self._acked_waiters.setdefault(mid, self.loop.create_future())
+    async def drained(self, below: int = 0) -> None:
+        """Return once at most ``below`` QoS 1 messages are unacked (flow control for bulk
+        publishers such as the hub's republish)."""
+        if self.pending() <= below:
+            return
+        fut = self.loop.create_future()
+        self._drain_waiters.append((below, fut))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), within_s)
+            await fut
+        finally:
+            self._drain_waiters = [w for w in self._drain_waiters if w[1] is not fut]
+
+    async def wait_all_acked(self, within_s: float) -> bool:
+        """Wait until the broker acked every QoS 1 message published so far; False on timeout."""
+        try:
+            await asyncio.wait_for(self.drained(0), within_s)
             return True
         except TimeoutError:
             return False
@@ -522,13 +551,14 @@ class HubMqttClient:
         # the broker's session may hold them already (then they are duplicates, flagged DUP)
         for mid, (topic, payload, retain) in self._inflight.items():
             conn.write(encode_publish(topic, payload, 1, retain, mid, dup=session_present))
-        if self.on_connect is not None:
-            self.on_connect(session_present)
+        self._send_queued(conn)
+        self._callback(self.on_connect, session_present)
         why = await asyncio.shield(conn.lost)
         conn.established = False
         self._conn = None
-        if self.on_disconnect is not None and not self._stopping:
-            self.on_disconnect(why)
+        log.info("link to the MQTT broker %s lost: %s", self, why)
+        if not self._stopping:
+            self._callback(self.on_disconnect, why)
         if not self._stopping:
             await asyncio.sleep(self.backoff(0) / 4)  # a broker restarting needs a moment
         return None
@@ -563,11 +593,27 @@ class HubMqttClient:
         raise RuntimeError("65535 QoS 1 messages in flight: the broker does not ack")
 
     def _acked(self, mid: int) -> None:
-        self._inflight.pop(mid, None)
-        if self._acked_waiters:
-            fut = self._acked_waiters.pop(mid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        if self._inflight.pop(mid, None) is None:
+            return
+        if self._queue:
+            conn = self._conn
+            if conn is not None and conn.established:
+                self._send_queued(conn)
+        if self._drain_waiters:
+            pending = self.pending()
+            for below, fut in self._drain_waiters:
+                if pending <= below and not fut.done():
+                    fut.set_result(None)
+
+    @staticmethod
+    def _callback(callback: Callable[[Any], None] | None, arg: Any) -> None:
+        """Run a connect/disconnect callback; its failure is logged, the link goes on."""
+        if callback is None:
+            return
+        try:
+            callback(arg)
+        except Exception:
+            log.exception("MQTT client callback %s failed", getattr(callback, "__qualname__", callback))
 
     def _deliver(self, batch: list[Received]) -> None:
         self.received += len(batch)

@@ -57,6 +57,11 @@ from hub.store import ActivityLimits, MemoryStore, Store
 
 log = logging.getLogger(__name__)
 
+#: deadlines fired per clock step: a storm of timeouts goes out in slices of this many devices
+#: (about 10 ms of engine work each), so its first users are published at once and heartbeats
+#: of the devices still alive are read in between
+TICK_SLICE = 1000
+
 EventName = Literal["statusChange", "online", "offline"]
 EVENT_NAMES: tuple[str, ...] = ("statusChange", "online", "offline")
 StorageKind = Literal["memory", "tinydb", "redis"]
@@ -282,7 +287,11 @@ class PresenceService:
                     await asyncio.wait_for(self._wake.wait(), delay)
             now = self.clock.now()
             try:
-                self._apply(self.engine.tick(now))
+                self._apply(self.engine.tick(now, TICK_SLICE))
+                due = self.engine.next_deadline()
+                if due is not None and due <= now:
+                    # a mass expiry: let this slice's publishes out, then do the next one
+                    await asyncio.sleep(0)
                 if now >= next_flush or self._flush_requested:
                     self._flush_requested = False
                     next_flush = now + interval

@@ -285,14 +285,40 @@ async def test_publishes_qos0_and_qos1(mosquitto: MosquittoProcess, other: MqttC
     await asyncio.to_thread(other.subscribe, "p/#", 1)
     r = Recorder(mosquitto.port)
     await r.up()
-    mids = [r.client.publish("p/q1", p, qos=1) for p in seq(500)]
+    for p in seq(500):
+        r.client.publish("p/q1", p, qos=1)
     for p in seq(500):
         r.client.publish("p/q0", p, qos=0)
-    assert all(await asyncio.gather(*(r.client.wait_acked(m, 10) for m in mids)))
+    assert await r.client.wait_all_acked(10)
     assert r.client.pending() == 0
     await async_wait_for(lambda: len(other.got("p/q1")) >= 500 and len(other.got("p/q0")) >= 500,
                          what="both at the other side")
     assert other.got("p/q1") == seq(500) and other.got("p/q0") == seq(500)
+
+
+async def test_more_than_the_inflight_window_waits_in_order(
+    mosquitto: MosquittoProcess, other: MqttClient
+) -> None:
+    await asyncio.to_thread(other.subscribe, "w/#", 1)
+    r = Recorder(mosquitto.port)
+    r.client.max_inflight = 7
+    await r.up()
+    for p in seq(2000):
+        r.client.publish("w/x", p, qos=1)
+    assert len(r.client._inflight) == 7 and r.client.pending() == 2000
+    assert await r.client.wait_all_acked(10)
+    await async_wait_for(lambda: len(other.got("w/x")) >= 2000, what="2000 at the other side")
+    assert other.got("w/x") == seq(2000)
+
+
+async def test_more_messages_than_packet_ids(mosquitto: MosquittoProcess) -> None:
+    """A republish of 20k users is 80k QoS 1 messages at once: more than 65535 packet ids."""
+    r = Recorder(mosquitto.port)
+    await r.up()
+    for i in range(70_000):
+        r.client.publish("ids/x", b"%d" % i, qos=1)
+    assert await r.client.wait_all_acked(30)
+    assert r.client.connected and r.disconnects == []
 
 
 async def test_reconnects_and_sends_what_was_published_meanwhile(
@@ -303,11 +329,12 @@ async def test_reconnects_and_sends_what_was_published_meanwhile(
     await asyncio.to_thread(mosquitto.stop)
     await async_wait_for(lambda: r.disconnects, what="on_disconnect")
     assert not r.client.connected
-    queued = r.client.publish("r/while-down", b"kept", qos=1, retain=True)
-    assert r.client.publish("r/q0", b"lost", qos=0) == 0  # QoS 0 is not queued
+    r.client.publish("r/while-down", b"kept", qos=1, retain=True)
+    r.client.publish("r/q0", b"lost", qos=0)  # QoS 0 is not queued
+    assert r.client.pending() == 1
     await asyncio.to_thread(mosquitto.start)
     await async_wait_for(lambda: len(r.connects) >= 2, what="on_connect again", timeout=15)
-    assert await r.client.wait_acked(queued, 10)
+    assert await r.client.wait_all_acked(10)
     other = await asyncio.to_thread(lambda: MqttClient(mosquitto.host, mosquitto.port).connect())
     try:
         await asyncio.to_thread(other.subscribe, "r/while-down", 1)
@@ -460,8 +487,9 @@ async def test_tls(mosquitto_factory: Callable[..., MosquittoProcess], tmp_path:
         await async_wait_for(lambda: len(r.payloads("s/a")) >= 2000 and r.payloads("s/big"),
                              what="2001 messages over TLS", timeout=10)
         assert r.payloads("s/a") == seq(2000) and r.payloads("s/big") == [big]
-        mids = [r.client.publish("back/x", p, qos=1) for p in seq(200)]
-        assert all(await asyncio.gather(*(r.client.wait_acked(m, 10) for m in mids)))
+        for p in seq(200):
+            r.client.publish("back/x", p, qos=1)
+        assert await r.client.wait_all_acked(10)
         await async_wait_for(lambda: len(other.got("back/x")) >= 200, what="the other side")
         assert other.got("back/x") == seq(200)
     finally:
