@@ -1097,9 +1097,12 @@ class Engine:
 
     @staticmethod
     def _record(u: _User) -> UserRecord:
+        """The user as a store record. Built with ``model_construct`` (no validation): the
+        engine's state is valid by construction, and validating every dirty user was a third
+        of the loop's work after a storm (profiled: 20k records per flush)."""
         for d in u.devices.values():
             d.saved_li = d.last_interaction
-        return UserRecord(
+        return UserRecord.model_construct(
             id=u.id,
             name=u.name,
             status=u.status,
@@ -1110,7 +1113,7 @@ class Engine:
             last_sync=u.last_sync,
             channels=dict(u.channels),
             devices=[
-                DeviceRecord(
+                DeviceRecord.model_construct(
                     id=d.id,
                     name=d.name,
                     virtual=d.virtual,

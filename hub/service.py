@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 #: (about 10 ms of engine work each), so its first users are published at once and heartbeats
 #: of the devices still alive are read in between
 TICK_SLICE = 1000
+#: how long a flush may wait for a mass expiry to finish: a store write (a thread serializing
+#: every changed user) competes with the slices for the interpreter
+STORM_FLUSH_DELAY_MS = 2000
 
 EventName = Literal["statusChange", "online", "offline"]
 EVENT_NAMES: tuple[str, ...] = ("statusChange", "online", "offline")
@@ -289,10 +292,12 @@ class PresenceService:
             try:
                 self._apply(self.engine.tick(now, TICK_SLICE))
                 due = self.engine.next_deadline()
-                if due is not None and due <= now:
+                storm = due is not None and due <= now
+                if storm:
                     # a mass expiry: let this slice's publishes out, then do the next one
                     await asyncio.sleep(0)
-                if now >= next_flush or self._flush_requested:
+                if (now >= next_flush or self._flush_requested) and (
+                        not storm or now >= next_flush + STORM_FLUSH_DELAY_MS):
                     self._flush_requested = False
                     next_flush = now + interval
                     await self.flush()
