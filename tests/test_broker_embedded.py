@@ -634,3 +634,83 @@ async def test_anonymous_persistent_session_gets_no_offline_messages(
     await broker.publish("marker", b"m", qos=1)
     await async_wait_for(lambda: again.received, what="marker")
     assert again.received == [("marker", b"m", 1, False)]  # nothing queued before it
+
+
+# ---------------------------------------------------------------------------------------------
+# The scale work of issue #6 (indexes, light sessions, session monitor): same behaviour
+
+
+def _raw_connect(port: int, flags: int, client_id: bytes, level: int = 4, extra: bytes = b"") -> int:
+    """Send a hand-made CONNECT; return the CONNACK return code."""
+    body = b"\x00\x04MQTT" + bytes([level, flags]) + b"\x00\x3c"
+    body += struct.pack("!H", len(client_id)) + client_id + extra
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(bytes([0x10, len(body)]) + body)
+        ack = b""
+        while len(ack) < 4:
+            chunk = sock.recv(4 - len(ack))
+            if not chunk:
+                break
+            ack += chunk
+    assert ack[:2] == b"\x20\x02", ack
+    return ack[3]
+
+
+async def test_connect_refusals_are_amqtts(broker: EmbeddedBroker) -> None:
+    # The CONNECT is read by hub/broker_session.read_connect, not amqtt: same answers.
+    assert await asyncio.to_thread(_raw_connect, broker.port, 0x02, b"lv3", level=3) == 1
+    password_only = struct.pack("!H", 2) + b"pw"
+    assert await asyncio.to_thread(_raw_connect, broker.port, 0x42, b"pw", extra=password_only) == 4
+    assert await asyncio.to_thread(_raw_connect, broker.port, 0x00, b"") == 2  # persistent, no id
+    assert await asyncio.to_thread(_raw_connect, broker.port, 0x02, b"fine") == 0
+
+
+async def test_ended_clean_session_is_forgotten_and_its_filters_with_it(
+    broker: EmbeddedBroker, new_client: Any
+) -> None:
+    amqtt_broker = broker._broker
+    assert amqtt_broker is not None
+    c = await new_client("short-lived").connect()
+    await c.subscribe("only/mine/+")
+    assert "only/mine/+" in amqtt_broker.subscriptions
+    c.kill()
+    await async_wait_for(lambda: "short-lived" not in amqtt_broker.sessions,
+                         what="session dropped by the monitor")
+    assert "only/mine/+" not in amqtt_broker.subscriptions
+    assert amqtt_broker.subscriptions.matching("only/mine/x") == []
+
+
+async def test_resumed_persistent_session_gets_retained_for_its_own_filters(
+    broker: EmbeddedBroker, new_client: Any
+) -> None:
+    # On connect only the session's own filters are offered retained messages (amqtt walks
+    # everyone's); a taken-over persistent session keeps its subscription and gets them again.
+    await broker.publish("keep/a", b"A", qos=1, retain=True)
+    await broker.publish("other/b", b"B", qos=1, retain=True)
+    other = await new_client().connect()
+    await other.subscribe("other/+")
+    old = new_client("panel-9", clean_session=False)
+    await old.connect()
+    await old.subscribe("keep/+", qos=1)
+    await async_wait_for(lambda: old.got("keep/a"), what="retained on subscribe")
+    old.go_silent()
+
+    new = new_client("panel-9", clean_session=False)
+    await new.connect()
+    await async_wait_for(lambda: new.got("keep/a"), what="retained on resume")
+    assert new.received == [("keep/a", b"A", 1, True)]
+
+
+async def test_hub_delivery_uses_the_index_and_reaches_every_matching_filter(
+    broker: EmbeddedBroker, new_client: Any
+) -> None:
+    subs = {f: await new_client().connect() for f in ("u/x/+", "u/#", "#", "u/x/state", "u/y/+")}
+    for f, c in subs.items():
+        await c.subscribe(f)
+    await broker.publish("u/x/state", b"s", qos=1)
+    for f in ("u/x/+", "u/#", "#", "u/x/state"):
+        await async_wait_for(lambda f=f: subs[f].received, what=f"delivery for {f}")
+        assert subs[f].received == [("u/x/state", b"s", 1, False)]
+    await broker.publish("u/y/m", b"m", qos=1)
+    await async_wait_for(lambda: subs["u/y/+"].received, what="marker")
+    assert subs["u/y/+"].received == [("u/y/m", b"m", 1, False)]  # nothing of u/x before it
