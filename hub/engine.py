@@ -404,7 +404,9 @@ class _User:
         self.last_sync: int | None = None
         #: channel id -> hub time of the last activity on it (for "who is on this channel")
         self.channels: dict[str, int] = {}
-        self.published_key: tuple[Any, ...] | None = None
+        #: hash of :meth:`Engine._key` as last published (a hash, not the tuple: ~80 bytes
+        #: less per device; two different keys with one 64-bit hash are not a practical risk)
+        self.published_key: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,7 +915,7 @@ class Engine:
                 self._present.discard(u.id)
             else:
                 self._present.add(u.id)
-        key = self._key(u)
+        key = hash(self._key(u))
         if key != u.published_key:
             u.published_key = key
             u.version += 1
@@ -1166,7 +1168,7 @@ class Engine:
                 d.saved_li = dr.last_interaction
                 u.devices[d.id] = d
             # the published key of the stored state, so an unchanged user keeps its version
-            u.published_key = self._key(u)
+            u.published_key = hash(self._key(u))
             if u.status != OFFLINE:
                 self._present.add(u.id)
             else:

@@ -89,7 +89,10 @@ class MqttHub:
     def __init__(self, service: PresenceService, publisher_factory: Callable[[MqttHub], Any]):
         self.service = service
         self.topics: Topics = service.topics
-        self._retained: dict[str, bytes] = {}
+        #: per user, what its retained topics hold: (hash of the state JSON, status, custom
+        #: status, primary). The strings are the engine's own objects and the JSON is kept as
+        #: a hash, so this costs ~70 bytes a user instead of ~870 for topic -> payload.
+        self._retained: dict[str, tuple[int, str, str | None, str | None]] = {}
         self._factory = publisher_factory
         self._transport: Any = None
         #: (user, device) -> MQTT client id that sent its birth (embedded broker only)
@@ -119,19 +122,22 @@ class MqttHub:
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._transport.publish(topic, payload, qos, retain)
 
-    def _retain(self, topic: str, payload: bytes, forced: bool) -> None:
-        if not forced and self._retained.get(topic) == payload:
-            return
-        self._retained[topic] = payload
-        self._publish(topic, payload, 1, True)
-
     def publish_state(self, state: UserStatePayload, forced: bool) -> None:
+        """The user's four retained topics, each only when its payload changed (or forced)."""
         t = self.topics
         uid = state.user_id
-        self._retain(t.user(uid, "state"), state.to_json(), forced)
-        self._retain(t.user(uid, "status"), text_payload(state.status), forced)
-        self._retain(t.user(uid, "custom"), text_payload(state.custom_status), forced)
-        self._retain(t.user(uid, "primary"), text_payload(state.active_device), forced)
+        doc = state.to_json()
+        now = (hash(doc), state.status, state.custom_status, state.active_device)
+        was = None if forced else self._retained.get(uid)
+        self._retained[uid] = now
+        if was is None or was[0] != now[0]:
+            self._publish(t.user(uid, "state"), doc, 1, True)
+        if was is None or was[1] != now[1]:
+            self._publish(t.user(uid, "status"), text_payload(now[1]), 1, True)
+        if was is None or was[2] != now[2]:
+            self._publish(t.user(uid, "custom"), text_payload(now[2]), 1, True)
+        if was is None or was[3] != now[3]:
+            self._publish(t.user(uid, "primary"), text_payload(now[3]), 1, True)
 
     def publish_event(self, event: EmitEvent) -> None:
         payload = EventPayload(
