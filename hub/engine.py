@@ -81,6 +81,7 @@ from __future__ import annotations
 import gc
 import heapq
 import logging
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -349,6 +350,7 @@ class _Device:
         "last_interaction",
         "last_seen",
         "name",
+        "rate_due",
         "removed",
         "saved_li",
         "session",
@@ -375,6 +377,9 @@ class _Device:
         self.removed = False
         #: last_interaction as last handed to the store (see Engine.heartbeat)
         self.saved_li: int | None = None
+        #: the service's rate limiter keeps its per-device state here (GCRA: when the next
+        #: message is due), so it lives and dies with the device and costs one slot
+        self.rate_due = 0.0
 
 
 class _User:
@@ -602,7 +607,7 @@ class Engine:
                 return
             if ev.name and ev.name[:128] != d.name:
                 # the birth came after a heartbeat that stood in for it: take its name
-                d.name = ev.name[:128]
+                d.name = sys.intern(ev.name[:128])
                 self._dirty.add(d.user.id)
                 if d.connected:
                     d.last_seen = now
@@ -624,7 +629,7 @@ class Engine:
         if d.last_interaction is None or now > d.last_interaction:
             d.last_interaction = now
         if name:
-            d.name = name[:128]
+            d.name = sys.intern(name[:128])
         self._dirty.add(d.user.id)
         self._refresh_device(d, now)
         self._refresh_user(d.user, now)
@@ -959,9 +964,16 @@ class Engine:
                 log.warning("refused device %s of user %s: it already has %d devices",
                             device_id, user_id, len(u.devices))
                 return None
+            # interned: device ids ("phone", "laptop") repeat across users, one copy serves all
+            device_id = sys.intern(device_id)
             d = u.devices[device_id] = _Device(u, device_id, device_id, virtual)
             self._dirty.add(user_id)
         return d
+
+    def find_device(self, user_id: str, device_id: str) -> _Device | None:
+        """The live device object, if the engine knows it (for the service's rate limiter)."""
+        u = self._users.get(user_id)
+        return None if u is None else u.devices.get(device_id)
 
     def _prune_channels(self, u: _User, now: int) -> None:
         cutoff = now - self._offline

@@ -309,6 +309,30 @@ async def test_a_flooding_device_is_throttled_alone(clock: FakeClock) -> None:
             "calm": "online", "noisy": "online"}
 
 
+async def test_junk_from_a_device_the_hub_does_not_know_is_throttled_too(clock: FakeClock) -> None:
+    """The limit comes before parsing, so a device whose payloads never parse (and so never
+    becomes a device) is still limited; made-up ids beyond the cap only reset their limits."""
+    from hub import service as service_module
+
+    async with make(clock, device_rate=10.0, device_burst=20) as p:
+        junk = [("presence/devices/u/ghost/heartbeat", b"not json")] * 100
+        assert p.ingest(junk) == 100
+        assert p.stats()["rejected"] == {"bad_payload": 20, "rate_limited": 80}
+        assert await p.get_devices("u") == []
+        limiter = p._limiter
+        assert limiter is not None and len(limiter._due) == 1
+        cap = service_module.UNKNOWN_DEVICES_CAP
+        service_module.UNKNOWN_DEVICES_CAP = 50
+        try:
+            p.ingest([(f"presence/devices/u/g{i}/heartbeat", b"x") for i in range(120)])
+            assert len(limiter._due) <= 50
+        finally:
+            service_module.UNKNOWN_DEVICES_CAP = cap
+        # a known device keeps its state on the device object, not in the dict
+        p.ingest([("presence/devices/u/real/conn", b'{"state":"online","session":"r1"}')] * 2)
+        assert ("u", "real") not in limiter._due
+
+
 async def test_devices_do_not_time_out_while_the_broker_link_is_down(clock: FakeClock) -> None:
     async with make(clock) as p:
         p.ingest([("presence/devices/u/phone/conn", b'{"state":"online","session":"s1"}')])
