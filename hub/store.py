@@ -67,10 +67,18 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """Keeps everything in process memory: the default for tests and embedded chat bots."""
+    """Keeps everything in process memory: the default for tests and embedded chat bots.
 
-    def __init__(self, limits: ActivityLimits | None = None) -> None:
+    ``keep_users=False`` keeps activity only: what :func:`open_store` builds for
+    ``storage="memory"``. Such a store is made with its service and dies with it, so it is
+    never read back, and a copy of every user beside the engine's own state was pure cost
+    (~120 bytes a device, zlib'ed). A ``MemoryStore()`` handed to several services in turn
+    (tests, a restart in one process) keeps users, so the next one loads them.
+    """
+
+    def __init__(self, limits: ActivityLimits | None = None, *, keep_users: bool = True) -> None:
         self.limits = limits or ActivityLimits()
+        self.keep_users = keep_users
         # compact JSON, not model objects: a deep-copied record costs ~1.5 KB per device in
         # objects, its JSON a few hundred bytes (measured), and a copy is what isolation needs;
         # zlib (level 1, ~5 us a user per flush) halves that again: 449 -> 203 bytes a user
@@ -90,6 +98,8 @@ class MemoryStore:
         return [UserRecord.model_validate_json(zlib.decompress(raw)) for raw in self._users.values()]
 
     async def save_users(self, users: Sequence[UserRecord]) -> None:
+        if not self.keep_users:
+            return
         for user in users:
             doc = user.model_dump_json(by_alias=True, exclude_defaults=True).encode()
             self._users[user.id] = zlib.compress(doc, 1)
@@ -150,7 +160,7 @@ def open_store(
     optional extra and a memory-only user never imports either.
     """
     if kind == "memory":
-        return MemoryStore(limits)
+        return MemoryStore(limits, keep_users=False)
     if kind == "tinydb":
         if db_path is None:
             raise StoreError("storage 'tinydb' needs a database file path (--db)")

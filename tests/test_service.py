@@ -357,3 +357,17 @@ async def test_a_birth_after_its_first_heartbeat_still_names_the_device(clock: F
                    b'{"state":"online","session":"s1","name":"Old phone"}')])
         assert (await p.get_devices("u"))[0].name == "Old phone"
         assert (await p.get_state("u")).devices[0].name == "Old phone"  # type: ignore[union-attr]
+
+
+async def test_the_memory_storage_of_a_service_keeps_activity_not_a_second_copy_of_users() -> None:
+    from hub.store import MemoryStore
+
+    async with create_presence_service(storage="memory") as p:
+        store = p.store
+        assert isinstance(store, MemoryStore) and not store.keep_users
+        p.ingest([("presence/devices/u/d/conn", b'{"state":"online","session":"s1"}')])
+        await p.record_activity("u", {"type": "message", "channel_id": "c"})
+        await p.flush()
+        assert await store.load_users() == []  # the engine holds the users; nothing reads this
+        assert [a.type for a in await p.get_activity("u")] == ["message"]
+        assert (await p.get_status("u")).status == "online"
