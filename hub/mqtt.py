@@ -32,11 +32,11 @@ from hub.mqtt_client import HubMqttClient, Received, Will, jittered_backoff
 from hub.protocol import (
     DeviceMessage,
     DeviceTopic,
-    EventPayload,
     ReplyPayload,
     RequestPayload,
     Topics,
     UserStatePayload,
+    event_json,
     text_payload,
 )
 from hub.service import PresenceError, PresenceService
@@ -124,26 +124,25 @@ class MqttHub:
 
     def publish_state(self, state: UserStatePayload, forced: bool) -> None:
         """The user's four retained topics, each only when its payload changed (or forced)."""
-        t = self.topics
         uid = state.user_id
         doc = state.to_json()
         now = (hash(doc), state.status, state.custom_status, state.active_device)
         was = None if forced else self._retained.get(uid)
         self._retained[uid] = now
+        base = self.topics.user_base(uid)
+        publish = self._transport.publish
         if was is None or was[0] != now[0]:
-            self._publish(t.user(uid, "state"), doc, 1, True)
+            publish(base + "state", doc, 1, True)
         if was is None or was[1] != now[1]:
-            self._publish(t.user(uid, "status"), text_payload(now[1]), 1, True)
+            publish(base + "status", text_payload(now[1]), 1, True)
         if was is None or was[2] != now[2]:
-            self._publish(t.user(uid, "custom"), text_payload(now[2]), 1, True)
+            publish(base + "custom", text_payload(now[2]), 1, True)
         if was is None or was[3] != now[3]:
-            self._publish(t.user(uid, "primary"), text_payload(now[3]), 1, True)
+            publish(base + "primary", text_payload(now[3]), 1, True)
 
     def publish_event(self, event: EmitEvent) -> None:
-        payload = EventPayload(
-            event=event.event, user_id=event.user_id, old=event.old, new=event.new, ts=event.ts
-        )
-        self._publish(self.topics.events(event.user_id), payload.to_json(), 1, False)
+        payload = event_json(event.event, event.user_id, event.old, event.new, event.ts)
+        self._publish(self.topics.events(event.user_id), payload, 1, False)
 
     def device_timed_out(self, effect: DeviceTimedOut) -> None:
         hook = getattr(self._transport, "device_timed_out", None)

@@ -183,3 +183,18 @@ def test_broker_urls_are_parsed_once_for_hub_and_agent_and_never_show_passwords(
         with pytest.raises(InvalidURL) as info:
             BrokerURL.parse(bad)
         assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("event", "user", "old", "new", "ts"), [
+    ("statusChange", "alice", "online", "offline", 1_700_000_000_123),
+    ("online", "u-1.x_Y", "offline", "dnd", 0),
+    ("offline", "b" * 64, "away", "offline", 2**53),
+])
+def test_event_json_is_the_models_json_byte_for_byte(
+    event: str, user: str, old: str, new: str, ts: int
+) -> None:
+    from hub.protocol import EventPayload, event_json
+
+    model = EventPayload(event=event, user_id=user, old=old, new=new, ts=ts)  # type: ignore[arg-type]
+    assert event_json(event, user, old, new, ts) == model.to_json()
+    assert EventPayload.model_validate_json(event_json(event, user, old, new, ts)) == model
