@@ -223,6 +223,10 @@ class _Connection(asyncio.Protocol):
             if n < 128:
                 self.out += b"%c%c%c%c%s%c%c%s" % (0x32 | retain, n, tl >> 8, tl & 0xFF, t,
                                                   mid >> 8, mid & 0xFF, payload)
+            elif n < 16384:  # a user's state document: two length bytes
+                self.out += b"%c%c%c%c%c%s%c%c%s" % (0x32 | retain, (n & 0x7F) | 0x80, n >> 7,
+                                                    tl >> 8, tl & 0xFF, t, mid >> 8, mid & 0xFF,
+                                                    payload)
             else:
                 self.out += encode_publish(topic, payload, qos, retain, mid)
         else:
