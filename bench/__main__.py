@@ -78,7 +78,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     elif args.quick:
         cfg = dict(
             ingest=ingest.IngestParams(devices=6_000, sustain_s=3.0, bisect=2),
-            steady=[steady.SteadyParams(devices=20_000, ramp_s=30.0, window_s=8.0, kills=50)],
+            steady=[steady.SteadyParams(devices=100_000, ramp_s=30.0, window_s=8.0, kills=50)],
             storm=storm.StormParams(devices=10_000),
             embedded=embedded.EmbeddedParams(steps=(500, 1000, 2000, 3000, 4000, 6000, 8000, 10000),
                                              window_s=6.0),
@@ -86,7 +86,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = dict(
             ingest=ingest.IngestParams(devices=20_000, sustain_s=30.0, bisect=3),
-            steady=[steady.SteadyParams(devices=n, ramp_s=max(30.0, n / 2000), window_s=30.0)
+            steady=[steady.SteadyParams(devices=n, ramp_s=max(30.0, n / 5_000), window_s=30.0)
                     for n in (100_000, 1_000_000)],
             storm=storm.StormParams(devices=100_000),
             embedded=embedded.EmbeddedParams(window_s=30.0),
@@ -97,7 +97,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["ingest"].sustain_s = args.sustain
     if args.steady_devices:
         base = cfg["steady"][0]
-        cfg["steady"] = [steady.SteadyParams(devices=int(n), ramp_s=max(base.ramp_s, int(n) / 2000),
+        cfg["steady"] = [steady.SteadyParams(devices=int(n), ramp_s=max(base.ramp_s, int(n) / 5_000),
                                              window_s=base.window_s, kills=base.kills)
                          for n in args.steady_devices.split(",")]
     for s in cfg["steady"]:

@@ -6,7 +6,8 @@ would measure the generator. Here every packet of a round is encoded once into o
 the publisher sends slices of it (``sendall`` of a memoryview: no Python per message at all).
 
 Only what the benchmark needs: CONNECT (with will), SUBSCRIBE, PUBLISH QoS 0/1, PUBACK,
-PINGREQ, DISCONNECT, and an incremental packet splitter for the receiving side.
+PINGREQ, DISCONNECT (encoded by the hub's own client, :mod:`hub.mqtt_client`), and an
+incremental packet splitter for the receiving side.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import socket
 import struct
 from array import array
 from collections.abc import Iterable, Iterator
+
+from hub.mqtt_client import Will, encode_ack, encode_connect, encode_publish, encode_subscribe
 
 CONNECT = 0x10
 CONNACK = 0x20
@@ -26,55 +29,28 @@ PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n % 128
-        n //= 128
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
-
-
 def connect_packet(
     client_id: str,
     keepalive: int = 60,
     clean: bool = True,
     will: tuple[str, bytes, int, bool] | None = None,
 ) -> bytes:
-    flags = 0x02 if clean else 0
-    body = b""
-    if will is not None:
-        topic, payload, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        body = _str(topic) + _str(payload)
-    var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    rest = var + _str(client_id) + body
-    return bytes([CONNECT]) + _varint(len(rest)) + rest
+    w = Will(*will) if will is not None else None
+    return encode_connect(client_id, keepalive=keepalive, clean_session=clean, will=w)
 
 
 def publish_packet(
     topic: str, payload: bytes, qos: int = 0, retain: bool = False, mid: int = 1
 ) -> bytes:
-    head = PUBLISH | (qos << 1) | (1 if retain else 0)
-    rest = _str(topic) + (struct.pack("!H", mid) if qos else b"") + payload
-    return bytes([head]) + _varint(len(rest)) + rest
+    return encode_publish(topic, payload, qos, retain, mid if qos else 0)
 
 
 def subscribe_packet(filters: Iterable[tuple[str, int]], mid: int = 1) -> bytes:
-    rest = struct.pack("!H", mid) + b"".join(_str(f) + bytes([q]) for f, q in filters)
-    return bytes([SUBSCRIBE]) + _varint(len(rest)) + rest
+    return encode_subscribe(mid, list(filters))
 
 
 def puback_packet(mid: int) -> bytes:
-    return bytes([PUBACK, 2]) + struct.pack("!H", mid)
+    return encode_ack(PUBACK >> 4, mid)
 
 
 class Splitter:

@@ -370,8 +370,7 @@ async def test_stop_sends_disconnect_so_no_will(
     await r.up()
     r.client.publish("will/last", b"published just before stop", qos=1)
     await r.client.stop()
-    await async_wait_for(lambda: "Client leaver disconnected." in mosquitto.log_text(),
-                         what="Mosquitto logging a clean DISCONNECT of 'leaver'")
+    await _gone(mosquitto, "leaver")
     other.publish("will/marker", b"m", qos=1)
     await async_wait_for(lambda: other.got("will/marker"), what="the marker")
     assert other.got("will/leaver") == [], "the will was published: no clean DISCONNECT"
