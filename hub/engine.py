@@ -1154,6 +1154,15 @@ class Engine:
         its version and its primary (a record is one consistent snapshot of the user, so the
         primary rule applied to it picks the stored primary again).
         """
+        collecting = gc.isenabled()
+        gc.disable()  # millions of long-lived objects, none garbage: see tick()
+        try:
+            return self._load(records, now)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _load(self, records: Iterable[UserRecord], now: int) -> Sequence[Effect]:
         loaded: dict[str, _User] = {}
         for rec in records:
             old = self._users.get(rec.id)
