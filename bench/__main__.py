@@ -80,7 +80,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             ingest=ingest.IngestParams(devices=6_000, sustain_s=3.0, bisect=2),
             steady=[steady.SteadyParams(devices=100_000, ramp_s=30.0, window_s=8.0, kills=50)],
             storm=storm.StormParams(devices=10_000),
-            embedded=embedded.EmbeddedParams(steps=(500, 1000, 2000, 3000, 4000, 6000, 8000, 10000),
+            embedded=embedded.EmbeddedParams(steps=(1000, 4000, 10000),
                                              window_s=6.0),
             engine=20_000, mode="quick")
     else:

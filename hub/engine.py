@@ -382,6 +382,10 @@ class _Device:
         self.rate_due = 0.0
 
 
+#: the channels of every user without any (never written: see _User.channels)
+_NO_CHANNELS: Final[dict[str, int]] = {}
+
+
 class _User:
     __slots__ = (
         "active_device",
@@ -408,7 +412,9 @@ class _User:
         self.version = 0
         self.last_sync: int | None = None
         #: channel id -> hub time of the last activity on it (for "who is on this channel")
-        self.channels: dict[str, int] = {}
+        #: channel -> last activity there; the shared empty :data:`_NO_CHANNELS` until the
+        #: first channel activity (most users never have one: 64 bytes a user saved)
+        self.channels: dict[str, int] = _NO_CHANNELS
         #: hash of :meth:`Engine._key` as last published (a hash, not the tuple: ~80 bytes
         #: less per device; two different keys with one 64-bit hash are not a practical risk)
         self.published_key: int | None = None
@@ -715,6 +721,8 @@ class Engine:
             )
         )
         if ev.channel_id is not None:
+            if u.channels is _NO_CHANNELS:
+                u.channels = {}
             u.channels[ev.channel_id] = now
             if len(u.channels) > 256:
                 self._prune_channels(u, now)
@@ -1176,7 +1184,7 @@ class Engine:
             u.active_device = rec.active_device
             u.version = rec.version
             u.last_sync = rec.last_sync
-            u.channels = dict(rec.channels)
+            u.channels = dict(rec.channels) if rec.channels else _NO_CHANNELS
             for dr in rec.devices:
                 d = _Device(u, dr.id, dr.name, dr.virtual)
                 d.session = dr.session
