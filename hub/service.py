@@ -64,6 +64,8 @@ TICK_SLICE = 1000
 #: how long a flush may wait for a mass expiry to finish: a store write (a thread serializing
 #: every changed user) competes with the slices for the interpreter
 STORM_FLUSH_DELAY_MS = 2000
+#: the shortest real-time sleep of the clock task between steps (see PresenceService._run)
+CLOCK_STEP_MS = 10
 
 EventName = Literal["statusChange", "online", "offline"]
 EVENT_NAMES: tuple[str, ...] = ("statusChange", "online", "offline")
@@ -294,6 +296,7 @@ class PresenceService:
 
     async def _run(self) -> None:
         assert self._wake is not None
+        loop = asyncio.get_running_loop()
         interval = self.config.flush_interval_ms
         next_flush = self.clock.now() + interval
         while True:
@@ -303,9 +306,17 @@ class PresenceService:
             self._wake_at = wake_at
             delay = max(0.0, (wake_at - now) / 1000)
             if delay > 0 and not self._flush_requested:
+                # at most one clock step per CLOCK_STEP_MS: with a million devices a deadline
+                # is due every few microseconds, and a wake-up per deadline was the clock's
+                # main cost; a deadline is then up to CLOCK_STEP_MS late (timeouts are seconds)
+                delay = max(delay, CLOCK_STEP_MS / 1000)
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                # a timer and the event, not asyncio.wait_for (a task per wake-up in 3.11)
+                timer = loop.call_later(delay, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
             now = self.clock.now()
             try:
                 self._apply(self.engine.tick(now, TICK_SLICE))
