@@ -178,6 +178,8 @@ class _Connection(asyncio.Protocol):
         self.flush_scheduled = False
         self.connack: asyncio.Future[tuple[int, bool]] = self.loop.create_future()
         self.lost: asyncio.Future[str] = self.loop.create_future()
+        #: done once asyncio has closed the socket (connection_lost ran)
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self.established = False
         self.last_sent = self.loop.time()
         self.last_received = self.loop.time()
@@ -192,6 +194,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
         if not self.lost.done():
             self.lost.set_result(f"{exc}" if exc else "connection closed by the broker")
         if not self.connack.done():
@@ -457,9 +461,11 @@ class HubMqttClient:
         if conn is not None and conn.transport is not None:
             conn.write(DISCONNECT_PACKET)
             conn.flush()
+            if not conn.lost.done():
+                conn.lost.set_result("closed by the hub")
             conn.transport.close()  # after the buffered bytes are written
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(conn.lost), linger_s)
+                await asyncio.wait_for(asyncio.shield(conn.closed), linger_s)
             if conn.transport is not None:
                 conn.transport.abort()
         if self._task is not None:
@@ -583,8 +589,8 @@ class HubMqttClient:
         why = await asyncio.shield(conn.lost)
         conn.established = False
         self._conn = None
-        log.info("link to the MQTT broker %s lost: %s", self, why)
         if not self._stopping:
+            log.info("link to the MQTT broker %s lost: %s", self, why)
             self._callback(self.on_disconnect, why)
         if not self._stopping:
             await asyncio.sleep(self.backoff(0) / 4)  # a broker restarting needs a moment
