@@ -1205,10 +1205,17 @@ class Engine:
             self._users[u.id] = u
             loaded[u.id] = u
         self._dirty.difference_update(loaded)  # the store holds exactly what was just read
+        refresh_device = self._refresh_device
         for u in loaded.values():
+            changed = False
             for d in u.devices.values():
-                self._refresh_device(d, now)
-            self._refresh_user(u, now)
+                changed = refresh_device(d, now) or changed
+            # a user is derived from its devices: if none changed, the record (one consistent
+            # snapshot written by this engine) already holds its status and primary, and
+            # re-deriving them was half of a restart's engine time (1M devices)
+            if changed or u.status != self._user_status(u) or (
+                    u.active_device is not None and u.active_device not in u.devices):
+                self._refresh_user(u, now)
         return self._drain()
 
 

@@ -970,6 +970,19 @@ def test_device_idle_past_away_during_downtime_transitions_at_load(engine: Engin
     assert (rec.status, rec.version) == ("away", v + 1)
 
 
+def test_a_record_inconsistent_with_its_devices_is_corrected_at_load(engine: Engine) -> None:
+    """Load skips re-deriving users whose devices did not change, but not one whose stored
+    status or primary contradicts its devices (a hand-edited or foreign file)."""
+    from hub.models import DeviceRecord
+
+    stale = UserRecord(id="u", name="u", status="online", active_device="gone", version=4,
+                       devices=[DeviceRecord(id="d", name="d", status="offline", last_seen=T0)])
+    fx = engine.load([stale], T0 + 1_000)
+    state = engine.snapshot("u")
+    assert state is not None and (state.status, state.active_device) == ("offline", None)
+    assert [p.state.status for p in publishes(fx)] == ["offline"]
+
+
 def test_loading_over_live_state_leaves_no_stray_timers(engine: Engine) -> None:
     engine.handle(Birth("u", "phone", "s1"), T0)
     records = engine.take_dirty()
