@@ -1101,13 +1101,22 @@ class Engine:
 
     # ---------------------------------------------------------------- persistence
 
-    def take_dirty(self) -> list[UserRecord]:
-        """Records of every user changed since the last call (the store's next batch)."""
+    def take_dirty(self, records: bool = True) -> list[UserRecord]:
+        """Records of every user changed since the last call (the store's next batch).
+
+        ``records=False`` marks them saved without building records, for a store that keeps
+        no users (``storage="memory"``): after a storm that was 20k records a flush for nothing.
+        """
         if not self._dirty:
             return []
-        out = [self._record(self._users[uid]) for uid in self._dirty if uid in self._users]
+        users = [self._users[uid] for uid in self._dirty if uid in self._users]
         self._dirty = set()
-        return out
+        if records:
+            return [self._record(u) for u in users]
+        for u in users:
+            for d in u.devices.values():
+                d.saved_li = d.last_interaction
+        return []
 
     def forget_user(self, user_id: str) -> None:
         u = self._users.pop(user_id, None)

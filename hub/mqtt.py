@@ -289,7 +289,6 @@ class ExternalTransport:
         tls_insecure: bool = False,
         keepalive: int = 30,
         will_hold_ms: int = 25,
-        backoff: Callable[[int], float] | None = None,
     ) -> None:
         self.hub = hub
         self.will_hold_ms = will_hold_ms
@@ -317,7 +316,7 @@ class ExternalTransport:
             on_messages=self._on_messages, on_connect=self._on_connect,
             on_disconnect=self._on_disconnect, on_oversize=self._on_oversize,
             max_packet_bytes=hub.service.config.max_payload_bytes + PACKET_HEADROOM,
-            backoff=backoff or _backoff,
+            backoff=_backoff,
         )
 
     async def start(self) -> None:

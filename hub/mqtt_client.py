@@ -430,7 +430,6 @@ class HubMqttClient:
         self.connects = 0
         #: bumped on every new connection: acks are for the connection a message came on
         self.generation = 0
-        self.received = 0
         #: PINGRESPs seen (keepalive at work)
         self.pongs = 0
 
@@ -649,7 +648,6 @@ class HubMqttClient:
             log.exception("MQTT client callback %s failed", getattr(callback, "__qualname__", callback))
 
     def _deliver(self, batch: list[Received]) -> None:
-        self.received += len(batch)
         try:
             self.on_messages(batch)
         except Exception:  # the hub must keep reading whatever one batch did

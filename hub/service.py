@@ -146,25 +146,24 @@ class RateLimiter:
 
     def allow(self, holder: Any, user: str, device: str, now: int) -> bool:
         """May this message through? ``holder`` is the engine's device, or None if unknown."""
+        unknown = self._due
         if holder is not None:
             due = holder.rate_due
-            if self._due:
-                due = max(due, self._due.pop((user, device), 0.0))
-            if due < now:
-                due = now
-            if due - now > self._tolerance:
-                return False
-            holder.rate_due = due + self._interval
-            return True
-        key = (user, device)
-        due = self._due.get(key, now)
+            if unknown:  # state kept while the device was unknown moves onto it
+                due = max(due, unknown.pop((user, device), 0.0))
+        else:
+            due = unknown.get((user, device), now)
         if due < now:
             due = now
         if due - now > self._tolerance:
             return False
-        if len(self._due) >= UNKNOWN_DEVICES_CAP:
-            self._due.clear()
-        self._due[key] = due + self._interval
+        due += self._interval
+        if holder is not None:
+            holder.rate_due = due
+        else:
+            if len(unknown) >= UNKNOWN_DEVICES_CAP:
+                unknown.clear()
+            unknown[(user, device)] = due
         return True
 
 
@@ -362,7 +361,7 @@ class PresenceService:
             for sink in list(self._sinks):
                 sink.before_flush()
             batch = self._unsaved
-            for rec in self.engine.take_dirty():
+            for rec in self.engine.take_dirty(getattr(self.store, "keeps_users", True)):
                 batch[rec.id] = rec  # a newer record of the same user wins
             self._unsaved = {}
             records = list(batch.values())

@@ -37,7 +37,11 @@ class ActivityLimits:
 
 @runtime_checkable
 class Store(Protocol):
-    """What the service needs from persistence. All methods are batch-shaped and async."""
+    """What the service needs from persistence. All methods are batch-shaped and async.
+
+    A store may set ``keeps_users = False`` (read with a default of True): the service then
+    does not build user records for :meth:`save_users` at all (see :class:`MemoryStore`).
+    """
 
     async def open(self) -> None:
         """Connect or open files; raise :class:`StoreError` with an actionable message."""
@@ -78,7 +82,8 @@ class MemoryStore:
 
     def __init__(self, limits: ActivityLimits | None = None, *, keep_users: bool = True) -> None:
         self.limits = limits or ActivityLimits()
-        self.keep_users = keep_users
+        #: the service reads it to skip building records nobody keeps (Store protocol)
+        self.keeps_users = keep_users
         # compact JSON, not model objects: a deep-copied record costs ~1.5 KB per device in
         # objects, its JSON a few hundred bytes (measured), and a copy is what isolation needs;
         # zlib (level 1, ~5 us a user per flush) halves that again: 449 -> 203 bytes a user
@@ -98,7 +103,7 @@ class MemoryStore:
         return [UserRecord.model_validate_json(zlib.decompress(raw)) for raw in self._users.values()]
 
     async def save_users(self, users: Sequence[UserRecord]) -> None:
-        if not self.keep_users:
+        if not self.keeps_users:
             return
         for user in users:
             doc = user.model_dump_json(by_alias=True, exclude_defaults=True).encode()

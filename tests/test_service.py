@@ -364,10 +364,11 @@ async def test_the_memory_storage_of_a_service_keeps_activity_not_a_second_copy_
 
     async with create_presence_service(storage="memory") as p:
         store = p.store
-        assert isinstance(store, MemoryStore) and not store.keep_users
+        assert isinstance(store, MemoryStore) and not store.keeps_users
         p.ingest([("presence/devices/u/d/conn", b'{"state":"online","session":"s1"}')])
         await p.record_activity("u", {"type": "message", "channel_id": "c"})
         await p.flush()
         assert await store.load_users() == []  # the engine holds the users; nothing reads this
+        assert p.engine.take_dirty() == []  # the flush took them, without building records
         assert [a.type for a in await p.get_activity("u")] == ["message"]
         assert (await p.get_status("u")).status == "online"

@@ -330,7 +330,7 @@ async def test_unknown_fields_are_ignored(store_harness: Harness) -> None:
 
 async def test_open_store_builds_each_kind(tmp_path: Path) -> None:
     memory = open_store("memory", limits=LIMITS)
-    assert isinstance(memory, MemoryStore) and not memory.keep_users  # dies with its service
+    assert isinstance(memory, MemoryStore) and not memory.keeps_users  # dies with its service
     tiny = open_store("tinydb", db_path=tmp_path / "x.json")
     assert isinstance(tiny, TinyDBStore)
     red = open_store("redis", redis_url="redis://127.0.0.1:1/0", namespace="ns")
