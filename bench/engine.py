@@ -24,7 +24,7 @@ import random
 import time
 from collections import Counter
 
-import hub.engine as eng
+import hub.core as eng
 
 T0 = 1_700_000_000_000
 HOT_ROUNDS = 2  # heartbeat timeouts (2.5 intervals after birth) are not yet due

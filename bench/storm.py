@@ -51,8 +51,8 @@ class StormParams:
 
 
 async def _write_db(path: Path, devices: int) -> None:
-    from hub.models import DeviceRecord, UserRecord
-    from hub.store_tinydb import TinyDBStore
+    from hub.core.models import DeviceRecord, UserRecord
+    from hub.stores.tinydb import TinyDBStore
 
     now = int(time.time() * 1000) - 1000
     users = []

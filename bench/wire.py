@@ -6,7 +6,7 @@ would measure the generator. Here every packet of a round is encoded once into o
 the publisher sends slices of it (``sendall`` of a memoryview: no Python per message at all).
 
 Only what the benchmark needs: CONNECT (with will), SUBSCRIBE, PUBLISH QoS 0/1, PUBACK,
-PINGREQ, DISCONNECT (encoded by the hub's own client, :mod:`hub.mqtt_client`), and an
+PINGREQ, DISCONNECT (encoded by the hub's own client, :mod:`hub.mqtt.client`), and an
 incremental packet splitter for the receiving side.
 """
 
@@ -17,7 +17,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Iterator
 
-from hub.mqtt_client import Will, encode_ack, encode_connect, encode_publish, encode_subscribe
+from hub.mqtt.client import Will, encode_ack, encode_connect, encode_publish, encode_subscribe
 
 CONNECT = 0x10
 CONNACK = 0x20

@@ -13,7 +13,7 @@ Command line: ``presence-agent`` (the daemon, see :mod:`device_agent.cli`) and `
 (chat commands against the hub, see :mod:`device_agent.command`).
 """
 
-from hub.urls import BrokerURL
+from hub.protocol import BrokerURL
 
 from .agent import PresenceAgent, build_activity, queue_activity
 from .config import AgentConfig, load_config

@@ -35,8 +35,16 @@ from typing import Any, Final, NoReturn
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from hub.durations import format_duration_ms, parse_duration_ms
-from hub.protocol import STATUSES, InvalidId, ReplyPayload, RequestPayload, Topics, validate_id
+from hub.protocol import (
+    STATUSES,
+    InvalidId,
+    ReplyPayload,
+    RequestPayload,
+    Topics,
+    format_duration_ms,
+    parse_duration_ms,
+    validate_id,
+)
 
 from .config import AgentConfig, load_config
 from .errors import AgentError, BrokerUnavailable, ConfigError, HubUnavailable

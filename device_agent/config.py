@@ -33,9 +33,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from hub.durations import parse_duration_ms
-from hub.protocol import DEFAULT_PREFIX, InvalidId, validate_id, validate_prefix
-from hub.urls import BrokerURL, InvalidURL
+from hub.protocol import (
+    DEFAULT_PREFIX,
+    BrokerURL,
+    InvalidId,
+    InvalidURL,
+    parse_duration_ms,
+    validate_id,
+    validate_prefix,
+)
 
 from .errors import ConfigError
 

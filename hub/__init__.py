@@ -1,5 +1,18 @@
 """mqtt-presence hub: the presence engine, the service API, stores and the MQTT side.
 
+The folders are the architecture, each layer importing only those below it (a test walks the
+import graph to keep it so)::
+
+    cli      presence-hub: settings, run, users
+    app      the service (API, clock task, flush), rate limiting, chat commands, the factory
+    mqtt     the hub on MQTT behind one typed Transport: embedded broker or own client
+    broker   the embedded amqtt broker, its indexes and sessions
+    auth     accounts, grants, the access policy, amqtt plugins, Mosquitto export
+    stores   the Store interface and open_store: memory, TinyDB, Redis
+    core     sans-I/O: events and effects, the engine, the clock, records
+    protocol the wire: ids, topics, payloads, matching, durations, broker URLs
+             (imports nothing else from hub; the device agent imports only this)
+
     from hub import create_presence_service
     presence = create_presence_service(storage="memory")
     async with presence:
@@ -15,22 +28,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hub.commands import CommandResult, handle_command, run_command
-    from hub.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserStatus
-    from hub.service import PresenceError, PresenceService, create_presence_service
+    from hub.app.commands import CommandResult, handle_command, run_command
+    from hub.app.factory import create_presence_service
+    from hub.app.service import PresenceService
+    from hub.core.errors import PresenceError
+    from hub.core.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserStatus
 
 _EXPORTS = {
-    "CommandResult": "hub.commands",
-    "handle_command": "hub.commands",
-    "run_command": "hub.commands",
-    "Activity": "hub.models",
-    "DeviceInfo": "hub.models",
-    "OnlineUser": "hub.models",
-    "SyncStatus": "hub.models",
-    "UserStatus": "hub.models",
-    "PresenceError": "hub.service",
-    "PresenceService": "hub.service",
-    "create_presence_service": "hub.service",
+    "CommandResult": "hub.app.commands",
+    "handle_command": "hub.app.commands",
+    "run_command": "hub.app.commands",
+    "Activity": "hub.core.models",
+    "DeviceInfo": "hub.core.models",
+    "OnlineUser": "hub.core.models",
+    "SyncStatus": "hub.core.models",
+    "UserStatus": "hub.core.models",
+    "PresenceError": "hub.core.errors",
+    "PresenceService": "hub.app.service",
+    "create_presence_service": "hub.app.factory",
 }
 
 __all__ = [

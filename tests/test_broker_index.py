@@ -16,7 +16,8 @@ from amqtt.broker import Broker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.broker_index import RetainedIndex, SubscriptionIndex, filter_is_valid, reference_matches
+from hub.broker.index import RetainedIndex, SubscriptionIndex
+from hub.protocol.matching import filter_is_valid, topic_matches
 
 # amqtt's _matches only uses self.logger: call the real function with just that.
 _AMQTT_SELF = SimpleNamespace(logger=logging.getLogger("test_broker_index"))
@@ -58,7 +59,7 @@ filters = st.lists(_FILTER_LEVELS, min_size=1, max_size=5).map("/".join)
 )
 def test_named_cases(topic: str, topic_filter: str, match: bool) -> None:
     assert amqtt_matches(topic, topic_filter) is match
-    assert reference_matches(topic, topic_filter) is match
+    assert topic_matches(topic, topic_filter) is match
     subs = SubscriptionIndex()
     subs[topic_filter] = []
     assert subs.matching(topic) == ([topic_filter] if match else [])
@@ -70,7 +71,7 @@ def test_named_cases(topic: str, topic_filter: str, match: bool) -> None:
 @settings(max_examples=400, deadline=None)
 @given(topic=topics, topic_filter=filters)
 def test_reference_matcher_is_amqtts(topic: str, topic_filter: str) -> None:
-    assert reference_matches(topic, topic_filter) == amqtt_matches(topic, topic_filter)
+    assert topic_matches(topic, topic_filter) == amqtt_matches(topic, topic_filter)
 
 
 @settings(max_examples=300, deadline=None)
@@ -164,7 +165,7 @@ def test_repr_does_not_grow_with_the_index() -> None:
 def test_session_states_follow_amqtts_machine() -> None:
     from transitions import MachineError
 
-    from hub.broker_session import HubSession
+    from hub.broker.session import HubSession
 
     s = HubSession()
     assert s.transitions.state == "new" and s.transitions.is_new()

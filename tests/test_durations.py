@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hub.durations import format_duration_ms, parse_duration_ms
+from hub.protocol import format_duration_ms, parse_duration_ms
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The presence engine, rule by rule (DESIGN.md "Semantics"), on a fake clock.
 
-Every test drives :class:`hub.engine.Engine` with plain integer milliseconds: no sleeps, no
+Every test drives :class:`hub.core.engine.Engine` with plain integer milliseconds: no sleeps, no
 I/O. Default timers: heartbeat 30 s (timeout 75 s), away after 5 min, offline after 1 h.
 """
 
@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from hub.clock import FakeClock
-from hub.engine import (
+from hub.core import (
     Ack,
     ActivityEvent,
     Birth,
@@ -33,7 +32,8 @@ from hub.engine import (
     SyncRequest,
     events_from_message,
 )
-from hub.models import UserRecord
+from hub.core.clock import FakeClock
+from hub.core.models import UserRecord
 from hub.protocol import DeviceMessage, Topics, dumps
 
 T0 = 1_700_000_000_000
@@ -973,7 +973,7 @@ def test_device_idle_past_away_during_downtime_transitions_at_load(engine: Engin
 def test_a_record_inconsistent_with_its_devices_is_corrected_at_load(engine: Engine) -> None:
     """Load skips re-deriving users whose devices did not change, but not one whose stored
     status or primary contradicts its devices (a hand-edited or foreign file)."""
-    from hub.models import DeviceRecord
+    from hub.core.models import DeviceRecord
 
     stale = UserRecord(id="u", name="u", status="online", active_device="gone", version=4,
                        devices=[DeviceRecord(id="d", name="d", status="offline", last_seen=T0)])

@@ -43,7 +43,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hub.engine import (
+from hub.core import (
     Ack,
     ActivityEvent,
     Birth,
@@ -64,7 +64,7 @@ from hub.engine import (
     SetStatus,
     SyncRequest,
 )
-from hub.models import UserRecord
+from hub.core.models import UserRecord
 
 CONFIG = EngineConfig(heartbeat_interval_ms=1_000, away_after_ms=8_000, offline_after_ms=20_000)
 TIMEOUT = CONFIG.timeout_ms

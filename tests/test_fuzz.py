@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hub import PresenceService, create_presence_service
 from hub.auth import CredentialStore
-from hub.clock import FakeClock
+from hub.core.clock import FakeClock
 from hub.protocol import DEVICE_KINDS, MAX_PAYLOAD_BYTES, ConnPayload, HeartbeatPayload, Topics
-from hub.service import PresenceService, create_presence_service
 from tests.support.mqtt_clients import MqttClient
 from tests.support.wait import wait_for
 from tests.test_security import HOST, Device, HubThread

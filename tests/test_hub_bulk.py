@@ -12,11 +12,11 @@ import asyncio
 import time
 from pathlib import Path
 
-from hub import mqtt as hub_mqtt
-from hub import service as hub_service
-from hub.models import DeviceRecord, UserRecord
-from hub.service import create_presence_service
-from hub.store_tinydb import TinyDBStore
+from hub import create_presence_service
+from hub.app import service as hub_service
+from hub.core.models import DeviceRecord, UserRecord
+from hub.mqtt import hub as hub_mqtt
+from hub.stores.tinydb import TinyDBStore
 from tests.support.mqtt_clients import SimDevice, Watcher
 from tests.support.procs import MosquittoProcess
 from tests.support.wait import async_wait_for

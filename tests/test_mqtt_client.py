@@ -1,4 +1,4 @@
-"""The hub's own MQTT client (hub.mqtt_client) against a real Mosquitto.
+"""The hub's own MQTT client (hub.mqtt.client) against a real Mosquitto.
 
 The other side of each exchange is an ordinary threaded paho client, so what is checked is
 what a broker and a second client see, not what our client believes. The parser is also fed
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.mqtt_client import (
+from hub.mqtt.client import (
     PUBACK,
     HubMqttClient,
     Received,

@@ -172,7 +172,7 @@ def test_parse_never_raises_on_json_shaped_garbage(kind: str, body: object) -> N
 
 
 def test_broker_urls_are_parsed_once_for_hub_and_agent_and_never_show_passwords() -> None:
-    from hub.urls import BrokerURL, InvalidURL, redact_url
+    from hub.protocol import BrokerURL, InvalidURL, redact_url
 
     url = BrokerURL.parse("mqtts://alice%2Fphone:s3cret@hub.lan")
     assert (url.host, url.port, url.tls, url.username, url.password) == (

@@ -28,24 +28,26 @@ from typing import Any
 import pytest
 from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
 
+from hub import PresenceService, create_presence_service
+from hub.app.factory import attach_broker
 from hub.auth import (
     PBKDF2_ITERATIONS,
     AccessPolicy,
     CredentialsError,
     CredentialStore,
     Grant,
-    filter_within,
     grant_for,
     hash_password,
-    topic_matches,
     verify_password,
 )
 from hub.broker import BrokerError, EmbeddedBroker
-from hub.cli import CounterReport, build_parser, resolve, users_main
 from hub.cli import main as hub_main
-from hub.mqtt import attach_mqtt
+from hub.cli.run import CounterReport
+from hub.cli.settings import build_parser, resolve
+from hub.cli.users import users_main
+from hub.mqtt import EmbeddedTransport
 from hub.protocol import ConnPayload, Topics
-from hub.service import PresenceService, create_presence_service
+from hub.protocol.matching import filter_within, topic_matches
 from tests.support.mqtt_clients import MqttClient, SimDevice
 from tests.support.procs import find_binary, free_port
 from tests.support.wait import wait_for
@@ -126,14 +128,16 @@ class HubThread:
             if self._tls:
                 tls = {"tls_listen": f"{HOST}:{self.tls_port}", "tls_cert": self._tls[0],
                        "tls_key": self._tls[1]}
-            hub = attach_mqtt(
+            hub = attach_broker(
                 service, "embedded", listen=f"{HOST}:{self.port}",
                 credentials=str(self._credentials) if self._credentials else None,
                 allow_anonymous=self._allow_anonymous, **tls,
             )
             async with service:
                 self.service = service
-                self.broker = hub.transport.broker
+                transport = hub.transport
+                assert isinstance(transport, EmbeddedTransport)
+                self.broker = transport.broker
                 ready.set()
                 await self._stop.wait()
         except BaseException as exc:
@@ -430,7 +434,7 @@ def test_new_settings_are_flags_env_and_file(tmp_path: Path) -> None:
     defaults = resolve(build_parser().parse_args([]), {})
     assert defaults["allow_anonymous"] is None and defaults["device_rate"] == 20.0
     assert defaults["max_payload_bytes"] == 65536 and defaults["stats_interval"] == 60_000
-    from hub.cli import UsageError
+    from hub.cli.settings import UsageError
     for bad in (["--device-rate", "fast"], ["--max-payload-bytes", "1GB"], ["--tls-cert", "c"]):
         with pytest.raises(UsageError):
             resolve(build_parser().parse_args(bad), {})
@@ -756,7 +760,7 @@ def test_agent_and_presence_command_over_tls(
         with socket.create_connection((HOST, hub.tls_port or 0), timeout=3) as sock, \
                 ctx.wrap_socket(sock, server_hostname=HOST) as tls:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
-        from hub.broker import _HubBroker
+        from hub.broker.embedded import _HubBroker
 
         server_ctx = _HubBroker._create_ssl_context({"certfile": certs["server"],
                                                      "keyfile": certs["key"]})

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hub import PresenceError, create_presence_service, handle_command
-from hub.clock import FakeClock
-from hub.service import PresenceService
+from hub import PresenceError, PresenceService, create_presence_service, handle_command
+from hub.core.clock import FakeClock
 from tests.support.wait import async_wait_for
 
 SEC = 1000
@@ -311,26 +310,47 @@ async def test_a_flooding_device_is_throttled_alone(clock: FakeClock) -> None:
 
 async def test_junk_from_a_device_the_hub_does_not_know_is_throttled_too(clock: FakeClock) -> None:
     """The limit comes before parsing, so a device whose payloads never parse (and so never
-    becomes a device) is still limited; made-up ids beyond the cap only reset their limits."""
-    from hub import service as service_module
-
+    becomes a device) is still limited."""
     async with make(clock, device_rate=10.0, device_burst=20) as p:
         junk = [("presence/devices/u/ghost/heartbeat", b"not json")] * 100
         assert p.ingest(junk) == 100
         assert p.stats()["rejected"] == {"bad_payload": 20, "rate_limited": 80}
         assert await p.get_devices("u") == []
-        limiter = p._limiter
-        assert limiter is not None and len(limiter._due) == 1
-        cap = service_module.UNKNOWN_DEVICES_CAP
-        service_module.UNKNOWN_DEVICES_CAP = 50
-        try:
-            p.ingest([(f"presence/devices/u/g{i}/heartbeat", b"x") for i in range(120)])
-            assert len(limiter._due) <= 50
-        finally:
-            service_module.UNKNOWN_DEVICES_CAP = cap
-        # a known device keeps its state on the device object, not in the dict
-        p.ingest([("presence/devices/u/real/conn", b'{"state":"online","session":"r1"}')] * 2)
-        assert ("u", "real") not in limiter._due
+
+
+def test_the_rate_table_forgets_devices_whose_next_message_is_due() -> None:
+    """A device past its due time is as good as unseen, so a sweep keeps only recent senders:
+    the table does not grow with the fleet, and a flood of made-up ids is bounded."""
+    from hub.app import ratelimit
+
+    limiter = ratelimit.RateLimiter(rate=10.0, burst=20)  # one message per 100 ms
+    for i in range(1000):
+        assert limiter.allow("u", f"d{i}", 0)
+    assert len(limiter) == 1000
+    limiter.sweep(50)  # every entry is due at 100 ms
+    assert len(limiter) == 1000
+    limiter.sweep(100)
+    assert len(limiter) == 0
+    for _ in range(20):  # a burst pushes the due time 2 s ahead: kept across sweeps
+        assert limiter.allow("u", "noisy", 100)
+    assert not limiter.allow("u", "noisy", 100)
+    limiter.sweep(1000)
+    assert len(limiter) == 1  # its state survives: 9 tokens back after 900 ms, not 20
+    assert sum(limiter.allow("u", "noisy", 1000) for _ in range(20)) == 9
+    limiter.sweep(2000)
+    assert len(limiter) == 1
+    limiter.sweep(3000)
+    assert len(limiter) == 0 and limiter.allow("u", "noisy", 3000)
+
+
+def test_a_flood_of_made_up_ids_only_resets_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hub.app import ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_TRACKED", 50)
+    limiter = ratelimit.RateLimiter(rate=10.0, burst=20)
+    for i in range(120):
+        limiter.allow("u", f"g{i}", 0)
+    assert len(limiter) <= 50
 
 
 async def test_devices_do_not_time_out_while_the_broker_link_is_down(clock: FakeClock) -> None:
@@ -360,7 +380,7 @@ async def test_a_birth_after_its_first_heartbeat_still_names_the_device(clock: F
 
 
 async def test_the_memory_storage_of_a_service_keeps_activity_not_a_second_copy_of_users() -> None:
-    from hub.store import MemoryStore
+    from hub.stores import MemoryStore
 
     async with create_presence_service(storage="memory") as p:
         store = p.store

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.models import UserRecord
-from hub.store_tinydb import TinyDBStore
+from hub.core.models import UserRecord
+from hub.stores.tinydb import TinyDBStore
 
 BASE_USERS = 400
 USERS_PER_VERSION = 25
@@ -36,8 +36,8 @@ LINE_TIMEOUT = 30.0
 
 CHILD = r"""
 import asyncio, os, sys
-from hub.models import DeviceRecord, UserRecord
-from hub.store_tinydb import TinyDBStore
+from hub.core.models import DeviceRecord, UserRecord
+from hub.stores.tinydb import TinyDBStore
 
 path, mode, block_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 base, step = int(sys.argv[4]), int(sys.argv[5])

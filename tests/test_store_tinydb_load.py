@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from hub.models import DeviceRecord, UserRecord
-from hub.store import ActivityLimits, StoreError
-from hub.store_tinydb import TinyDBStore
+from hub.core.models import DeviceRecord, UserRecord
+from hub.stores import ActivityLimits, StoreError
+from hub.stores.tinydb import TinyDBStore
 
 LIMITS = ActivityLimits(max_entries=5, max_age_ms=10_000)
 
@@ -154,7 +154,7 @@ async def test_wrong_schema_documents_are_skipped_and_named(
     path.write_text(json.dumps({"users": {
         "alice": good, "bob": {"id": "bob", "version": "x"}, "zed": newer,
     }}))
-    with caplog.at_level(logging.WARNING, logger="hub.store_tinydb"):
+    with caplog.at_level(logging.WARNING, logger="hub.stores.tinydb"):
         loaded = await load(path)
     assert [u.id for u in loaded] == ["alice"]
     skipped = [r.getMessage() for r in caplog.records if "skipping unreadable user" in r.message]

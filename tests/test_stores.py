@@ -1,6 +1,6 @@
 """One behaviour for every store: the same tests run against memory, TinyDB and a real Redis.
 
-The service only sees the :class:`hub.store.Store` interface, so a store that passes here can
+The service only sees the :class:`hub.stores.Store` interface, so a store that passes here can
 replace another without the engine noticing. Store-specific promises (TinyDB's file handling,
 Redis's key layout and errors) follow the shared tests.
 """
@@ -20,16 +20,17 @@ import pytest
 import redis.asyncio as aioredis
 from tinydb import TinyDB
 
-from hub.models import Activity, DeviceRecord, UserRecord
-from hub.store import (
+from hub.core.models import Activity, DeviceRecord, UserRecord
+from hub.protocol import redact_url
+from hub.stores import (
     ActivityLimits,
     MemoryStore,
     Store,
     StoreError,
     open_store,
 )
-from hub.store_redis import RedisStore, redact_url
-from hub.store_tinydb import TinyDBStore
+from hub.stores.redis import RedisStore
+from hub.stores.tinydb import TinyDBStore
 from tests.support.procs import RedisProcess, free_port
 from tests.support.wait import async_wait_for
 
@@ -639,7 +640,7 @@ async def test_redis_key_layout(redis_server: RedisProcess) -> None:
 async def test_redis_large_batches_go_in_several_transactions(
     redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("hub.store_redis._CHUNK_USERS", 7)
+    monkeypatch.setattr("hub.stores.redis._CHUNK_USERS", 7)
     store = RedisStore(redis_server.url, LIMITS, namespace=f"t{uuid.uuid4().hex[:12]}")
     await store.open()
     try:

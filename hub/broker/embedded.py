@@ -94,20 +94,20 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 from transitions import MachineError
 
-from hub.auth import (
+from hub.auth.accounts import CredentialStore
+from hub.auth.grants import Grant
+from hub.auth.plugins import HubTopicPlugin
+from hub.auth.policy import (
     CONNACK_IDENTIFIER_REJECTED,
     CONNACK_NOT_AUTHORIZED,
     GRANT_KEY,
     VERDICT_KEY,
     AccessPolicy,
-    CredentialStore,
-    Grant,
-    HubTopicPlugin,
     Verdict,
     listen_policy_error,
 )
-from hub.broker_index import RetainedIndex, SubscriptionIndex
-from hub.broker_session import HubSession, read_connect
+from hub.broker.index import RetainedIndex, SubscriptionIndex
+from hub.broker.session import HubSession, read_connect
 
 __all__ = ["BrokerError", "ClientHandler", "EmbeddedBroker", "MessageHandler", "TlsListener"]
 
@@ -134,8 +134,8 @@ MAX_PACKET_BYTES: Final = 1024 * 1024
 #: and queued messages. amqtt's queues are unbounded, so they must not live forever.
 SESSION_EXPIRY_S: Final = 24 * 3600
 
-_AUTH_PLUGIN: Final = "hub.auth.HubAuthPlugin"
-_TOPIC_PLUGIN: Final = "hub.auth.HubTopicPlugin"
+_AUTH_PLUGIN: Final = "hub.auth.plugins.HubAuthPlugin"
+_TOPIC_PLUGIN: Final = "hub.auth.plugins.HubTopicPlugin"
 #: The session attribute naming the account that owns a session (None: anonymous).
 _OWNER_KEY: Final = "hub.owner"
 #: In the text of the AMQTTError we raise for a refused CONNECT (filtered from amqtt's log:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -45,8 +44,9 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Document, Table
 
-from hub.models import Activity, UserRecord
-from hub.store import ActivityLimits, StoreError, select_activity
+from hub.core.models import Activity, UserRecord
+from hub.process import gc_paused
+from hub.stores.base import ActivityLimits, StoreError, select_activity
 
 log = logging.getLogger(__name__)
 
@@ -226,26 +226,6 @@ def _merge_log(
     return kept[-limits.max_entries :]
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cyclic garbage collector off while a whole database is parsed and validated.
-
-    Parsing allocates millions of dicts and lists (a 1M-device file is ~5M containers), none of
-    them garbage; with the collector on, every few hundred allocations start a young collection
-    and the older generations are walked again and again as they grow. Measured at 1M devices:
-    parsing 6.1 s with the collector on, 3.1 s off; validating the users 14 s on, 3-4 s off.
-    The collector is switched back on only if it was on before, so a caller that keeps it off
-    (the engine does during a mass expiry) is not overridden.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _parse_json(raw: bytes) -> object:
     """``json.loads(raw)``, faster and leaner for what this store writes.
 
@@ -378,7 +358,7 @@ class TinyDBStore:
         if not raw.strip():
             return None  # TinyDB's own convention: an empty file is an empty database
         try:
-            with _gc_paused():
+            with gc_paused():
                 data = _parse_json(raw)
         except ValueError as exc:
             raise StoreError(
@@ -446,7 +426,7 @@ class TinyDBStore:
         table = (storage.read() or {}).get(USERS_TABLE, {})
         validate = UserRecord.model_validate
         out: list[UserRecord] = []
-        with _gc_paused():
+        with gc_paused():
             for doc_id, doc in table.items():
                 try:
                     out.append(validate(doc))

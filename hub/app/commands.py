@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.durations import format_duration_ms, parse_duration_ms
-from hub.service import PresenceError, PresenceService
+from hub.app.service import PresenceService
+from hub.core.errors import PresenceError
+from hub.protocol import format_duration_ms, parse_duration_ms
 
 HELP = """\
 /presence                      your status, custom status and primary device

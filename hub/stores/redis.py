@@ -37,9 +37,9 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
-from hub.models import Activity, DeviceRecord, UserRecord
-from hub.store import ActivityLimits, StoreError, select_activity
-from hub.urls import redact_url
+from hub.core.models import Activity, DeviceRecord, UserRecord
+from hub.protocol.urls import redact_url
+from hub.stores.base import ActivityLimits, StoreError, select_activity
 
 log = logging.getLogger(__name__)
 

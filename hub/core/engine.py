@@ -78,16 +78,33 @@ Persistence (``take_dirty``, ``load``)
 
 from __future__ import annotations
 
-import gc
 import heapq
 import logging
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final
 
-from hub.models import (
+from hub.core.events import (
+    Ack,
+    ActivityEvent,
+    Birth,
+    DeviceOffline,
+    DeviceTimedOut,
+    Effect,
+    EmitEvent,
+    Event,
+    Heartbeat,
+    PublishState,
+    RecordActivity,
+    RemoveDevice,
+    SetCustomStatus,
+    SetDeviceStatus,
+    SetStatus,
+    SyncRequest,
+)
+from hub.core.models import (
     Activity,
     DeviceInfo,
     DeviceRecord,
@@ -96,17 +113,7 @@ from hub.models import (
     UserRecord,
     UserStatus,
 )
-from hub.protocol import (
-    AckPayload,
-    ActivityPayload,
-    ConnPayload,
-    DeviceMessage,
-    DeviceStatus,
-    HeartbeatPayload,
-    SetPayload,
-    Status,
-    UserStatePayload,
-)
+from hub.protocol import DeviceStatus, Status, UserStatePayload
 
 log = logging.getLogger(__name__)
 
@@ -161,174 +168,6 @@ class EngineConfig:
         return self.heartbeat_interval_ms
 
 
-# --------------------------------------------------------------------------------------------
-# Events (inputs)
-
-
-@dataclass(frozen=True, slots=True)
-class Birth:
-    """A device's session began (``conn`` online)."""
-
-    user: str
-    device: str
-    session: str
-    name: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceOffline:
-    """A session ended: ``reason`` is ``lost`` (last will) or ``disconnect`` (clean stop)."""
-
-    user: str
-    device: str
-    session: str
-    reason: str = "lost"
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    user: str
-    device: str
-    session: str
-    idle_ms: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ActivityEvent:
-    """Something the user did. ``device=None`` (API activity) means the virtual device named
-    after the channel."""
-
-    user: str
-    type: str
-    device: str | None = None
-    channel_id: str | None = None
-    timestamp: int | None = None
-    data: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SetStatus:
-    user: str
-    status: Status
-    device: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SetCustomStatus:
-    user: str
-    text: str | None
-    device: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SetDeviceStatus:
-    """The API sets a device's status; such a device has no connection (idle timers only)."""
-
-    user: str
-    device: str
-    status: DeviceStatus
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    user: str
-    device: str
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class SyncRequest:
-    user: str
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveDevice:
-    user: str
-    device: str
-
-
-Event: TypeAlias = (
-    Birth
-    | DeviceOffline
-    | Heartbeat
-    | ActivityEvent
-    | SetStatus
-    | SetCustomStatus
-    | SetDeviceStatus
-    | Ack
-    | SyncRequest
-    | RemoveDevice
-)
-
-
-def events_from_message(msg: DeviceMessage) -> list[Event]:
-    """All events of one message (a ``set`` may hold a status and a custom status)."""
-    body = msg.body
-    if isinstance(body, SetPayload):
-        out: list[Event] = []
-        if body.status is not None:
-            out.append(SetStatus(msg.user, body.status, msg.device))
-        if body.has_custom_status():
-            out.append(SetCustomStatus(msg.user, body.custom_status, msg.device))
-        return out
-    if isinstance(body, HeartbeatPayload):
-        return [Heartbeat(msg.user, msg.device, body.session, body.idle_ms)]
-    if isinstance(body, ConnPayload):
-        if body.state == "online":
-            return [Birth(msg.user, msg.device, body.session, body.name)]
-        return [DeviceOffline(msg.user, msg.device, body.session, body.reason or "lost")]
-    if isinstance(body, ActivityPayload):
-        return [
-            ActivityEvent(msg.user, body.type, msg.device, body.channel_id, body.timestamp,
-                          body.data)
-        ]
-    if isinstance(body, AckPayload):
-        return [Ack(msg.user, msg.device, body.version)]
-    return []  # ``req`` is served by the command handler, not the engine
-
-
-# --------------------------------------------------------------------------------------------
-# Effects (outputs)
-
-
-@dataclass(frozen=True, slots=True)
-class PublishState:
-    """Publish the user's retained topics. ``forced`` marks a sync: publish even if unchanged."""
-
-    user_id: str
-    state: UserStatePayload
-    forced: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class EmitEvent:
-    """A user-level event: ``statusChange``, ``online`` (came from offline) or ``offline``."""
-
-    user_id: str
-    event: Literal["statusChange", "online", "offline"]
-    old: Status
-    new: Status
-    ts: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordActivity:
-    user_id: str
-    activity: Activity
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceTimedOut:
-    """A connected device went silent past the heartbeat timeout; the broker adapter may close
-    its session so its will and resources are released."""
-
-    user_id: str
-    device_id: str
-    session: str | None
-
-
-Effect: TypeAlias = PublishState | EmitEvent | RecordActivity | DeviceTimedOut
-
 _NO_EFFECTS: Final[tuple[Effect, ...]] = ()
 
 
@@ -350,7 +189,6 @@ class _Device:
         "last_interaction",
         "last_seen",
         "name",
-        "rate_due",
         "removed",
         "saved_li",
         "session",
@@ -379,7 +217,6 @@ class _Device:
         self.saved_li: int | None = None
         #: the service's rate limiter keeps its per-device state here (GCRA: when the next
         #: message is due), so it lives and dies with the device and costs one slot
-        self.rate_due = 0.0
 
 
 #: the channels of every user without any (never written: see _User.channels)
@@ -502,20 +339,12 @@ class Engine:
         are published at once instead of after the whole pass); :meth:`next_deadline` tells
         whether more are due. A user whose devices fall in two slices may publish twice.
 
-        The cyclic garbage collector is held off while a tick runs: a mass expiry allocates
-        hundreds of thousands of short-lived effect objects, none in a cycle, and the young
-        collections they trigger were ~60% of a 100k-device expiry (measured: 3.6-6.0 s with,
-        1.7 s without). It is switched back on, as it was, before the tick returns.
+        A mass expiry allocates hundreds of thousands of short-lived objects: the caller
+        holds the garbage collector off around it (:func:`hub.process.gc_paused`).
         """
         if not self._heap or self._heap[0][0] > now:
             return _NO_EFFECTS
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            self._fire(now, limit)
-        finally:
-            if collecting:
-                gc.enable()
+        self._fire(now, limit)
         return self._drain()
 
     def _fire(self, now: int, limit: int | None = None) -> None:
@@ -978,11 +807,6 @@ class Engine:
             self._dirty.add(user_id)
         return d
 
-    def find_device(self, user_id: str, device_id: str) -> _Device | None:
-        """The live device object, if the engine knows it (for the service's rate limiter)."""
-        u = self._users.get(user_id)
-        return None if u is None else u.devices.get(device_id)
-
     def _prune_channels(self, u: _User, now: int) -> None:
         cutoff = now - self._offline
         for ch in [c for c, t in u.channels.items() if t < cutoff]:
@@ -1169,17 +993,9 @@ class Engine:
         come out as effects (and mark the user dirty, so the store learns the new version);
         the caller republishes every user anyway. A user none of whose devices changed keeps
         its version and its primary (a record is one consistent snapshot of the user, so the
-        primary rule applied to it picks the stored primary again).
+        primary rule applied to it picks the stored primary again). Millions of long-lived
+        objects, none garbage: the caller holds the garbage collector off around it.
         """
-        collecting = gc.isenabled()
-        gc.disable()  # millions of long-lived objects, none garbage: see tick()
-        try:
-            return self._load(records, now)
-        finally:
-            if collecting:
-                gc.enable()
-
-    def _load(self, records: Iterable[UserRecord], now: int) -> Sequence[Effect]:
         loaded: dict[str, _User] = {}
         for rec in records:
             old = self._users.get(rec.id)

@@ -12,7 +12,8 @@ already uses: :class:`SubscriptionIndex` stands in for ``Broker._subscriptions``
 own code (and tests that reach into the broker) keep working on them unchanged; every change
 of keys goes through ``__setitem__``/``__delitem__``, which update the trie.
 
-Matching follows amqtt's ``Broker._matches`` exactly, which is MQTT 3.1.1's rule set:
+Matching follows amqtt's ``Broker._matches`` exactly, which is MQTT 3.1.1's rule set (the
+one reference is :func:`hub.protocol.matching.topic_matches`):
 
 * ``+`` matches one whole level (also an empty one), ``#`` the rest of the topic including
   its parent (``a/#`` matches ``a``);
@@ -27,37 +28,11 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping
 from typing import Any, Generic, TypeVar
 
-__all__ = ["RetainedIndex", "SubscriptionIndex", "filter_is_valid", "reference_matches"]
+from hub.protocol.matching import filter_is_valid
+
+__all__ = ["RetainedIndex", "SubscriptionIndex"]
 
 V = TypeVar("V")
-
-
-def filter_is_valid(topic_filter: str) -> bool:
-    """True when every ``+`` and ``#`` is a whole level and ``#`` is the last one."""
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return True
-    levels = topic_filter.split("/")
-    last = len(levels) - 1
-    for i, level in enumerate(levels):
-        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != last)):
-            return False
-    return True
-
-
-def reference_matches(topic: str, topic_filter: str) -> bool:
-    """The plain level-by-level rule, one pair at a time (what the tries must agree with)."""
-    if topic.startswith("$") and topic_filter.startswith(("+", "#")):
-        return False
-    if not filter_is_valid(topic_filter):
-        return False
-    t_levels = topic.split("/")
-    f_levels = topic_filter.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels) or (level != "+" and level != t_levels[i]):
-            return False
-    return len(f_levels) == len(t_levels)
 
 
 class _Node:

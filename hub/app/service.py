@@ -22,15 +22,15 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hub.clock import Clock, SystemClock
-from hub.engine import (
+from hub.app.ratelimit import RateLimiter
+from hub.core.clock import Clock, SystemClock
+from hub.core.engine import Engine, EngineConfig, EngineError
+from hub.core.errors import PresenceError
+from hub.core.events import (
     ActivityEvent,
     DeviceTimedOut,
     Effect,
     EmitEvent,
-    Engine,
-    EngineConfig,
-    EngineError,
     Event,
     PublishState,
     RecordActivity,
@@ -38,10 +38,12 @@ from hub.engine import (
     SetCustomStatus,
     SetDeviceStatus,
     SetStatus,
+    Sink,
     SyncRequest,
     events_from_message,
 )
-from hub.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserRecord, UserStatus
+from hub.core.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserRecord, UserStatus
+from hub.process import gc_paused
 from hub.protocol import (
     ID_FIELD_PATTERN,
     MAX_PAYLOAD_BYTES,
@@ -53,7 +55,7 @@ from hub.protocol import (
     decode_payload,
     validate_id,
 )
-from hub.store import ActivityLimits, MemoryStore, Store
+from hub.stores import MemoryStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,6 @@ CLOCK_STEP_MS = 10
 
 EventName = Literal["statusChange", "online", "offline"]
 EVENT_NAMES: tuple[str, ...] = ("statusChange", "online", "offline")
-StorageKind = Literal["memory", "tinydb", "redis"]
-
-
-class PresenceError(ValueError):
-    """A call the service refuses: bad id, unknown status, too long a custom status, ..."""
 
 
 class ActivityIn(BaseModel):
@@ -88,20 +85,12 @@ class ActivityIn(BaseModel):
     data: dict[str, Any] | None = None
 
 
-class Sink(Protocol):
-    """Where effects leave the process (the MQTT side of the hub). Called on the loop thread."""
+class Resource(Protocol):
+    """Something the service owns and runs for its lifetime (the MQTT side of the hub)."""
 
-    def publish_state(self, state: UserStatePayload, forced: bool) -> None: ...
+    async def start(self) -> None: ...
 
-    def publish_event(self, event: EmitEvent) -> None: ...
-
-    def device_timed_out(self, effect: DeviceTimedOut) -> None: ...
-
-    def before_flush(self) -> None:
-        """A flush starts: what was ingested until now is in it."""
-
-    def after_flush(self) -> None:
-        """The flush that last started is durable (manual MQTT acks go here)."""
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,57 +103,6 @@ class ServiceConfig:
     #: per-device message rate (sustained messages/s and burst); None turns the limit off
     device_rate: float | None = 20.0
     device_burst: int = 100
-
-
-#: devices unknown to the engine whose rate is tracked before the dict is emptied
-UNKNOWN_DEVICES_CAP = 100_000
-
-
-class RateLimiter:
-    """Per-device rate limit, O(1) per message: a flooding device is throttled alone.
-
-    GCRA (the "virtual scheduling" form of a token bucket): one float per device, the time
-    its next message is due, instead of a bucket's two numbers in a list (about 100 bytes
-    less per device, measured with tracemalloc). ``rate`` messages/s sustained, ``burst`` at
-    once. That float lives on the engine's device object (``holder``), so a known device costs
-    one slot and takes its state along when removed; only devices the engine does not know
-    yet (their first message, or junk that never creates one) are kept in a dict, which is
-    emptied when it grows past :data:`UNKNOWN_DEVICES_CAP` (a flood of made-up ids must not
-    grow memory; it only resets their limits).
-    """
-
-    __slots__ = ("_due", "_interval", "_tolerance", "burst", "rate")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("device rate must be > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._interval = 1000.0 / rate
-        self._tolerance = (burst - 1) * self._interval
-        self._due: dict[tuple[str, str], float] = {}
-
-    def allow(self, holder: Any, user: str, device: str, now: int) -> bool:
-        """May this message through? ``holder`` is the engine's device, or None if unknown."""
-        unknown = self._due
-        if holder is not None:
-            due = holder.rate_due
-            if unknown:  # state kept while the device was unknown moves onto it
-                due = max(due, unknown.pop((user, device), 0.0))
-        else:
-            due = unknown.get((user, device), now)
-        if due < now:
-            due = now
-        if due - now > self._tolerance:
-            return False
-        due += self._interval
-        if holder is not None:
-            holder.rate_due = due
-        else:
-            if len(unknown) >= UNKNOWN_DEVICES_CAP:
-                unknown.clear()
-            unknown[(user, device)] = due
-        return True
 
 
 Callback = Callable[..., Any]
@@ -203,7 +141,7 @@ class PresenceService:
         self._loaded = False
         self._flush_lock = asyncio.Lock()
         self._request_handler: Callable[[DeviceMessage], Awaitable[None]] | None = None
-        self._extras: list[Any] = []  # owned resources closed on stop (transport, broker)
+        self._resources: list[Resource] = []  # owned, started after load, stopped first
         self._link_down = False
         self._flush_requested = False
 
@@ -225,19 +163,19 @@ class PresenceService:
         self._wake = asyncio.Event()
         self._runner = asyncio.create_task(self._run(), name="presence-clock")
         self._started = True
-        for extra in self._extras:
-            await extra.start()
+        for resource in self._resources:
+            await resource.start()
 
     async def stop(self) -> None:
         """Stop the transport, fire what is due, flush everything, close the store."""
         if not self._started:
             return
         self._started = False
-        for extra in reversed(self._extras):
+        for resource in reversed(self._resources):
             try:
-                await extra.stop()
+                await resource.stop()
             except Exception:  # a failing transport must not lose the final flush
-                log.exception("error while stopping %r", extra)
+                log.exception("error while stopping %r", resource)
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -252,15 +190,17 @@ class PresenceService:
         if self._loaded:
             return
         records = await self.store.load_users()
-        effects = self.engine.load(records, self.clock.now())
+        with gc_paused():
+            effects = self.engine.load(records, self.clock.now())
         self._loaded = True
         if records:
             log.info("loaded %d users from the store", len(records))
         self._apply(effects)
 
-    def attach(self, extra: Any) -> None:
-        """Own a resource with async ``start``/``stop`` (started after the store is loaded)."""
-        self._extras.append(extra)
+    def attach(self, resource: Resource) -> None:
+        """Own a resource (the MQTT side): started after the store is loaded, stopped before
+        the final flush."""
+        self._resources.append(resource)
 
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
@@ -318,7 +258,9 @@ class PresenceService:
                     timer.cancel()
             now = self.clock.now()
             try:
-                self._apply(self.engine.tick(now, TICK_SLICE))
+                with gc_paused():
+                    effects = self.engine.tick(now, TICK_SLICE)
+                self._apply(effects)
                 due = self.engine.next_deadline()
                 storm = due is not None and due <= now
                 if storm:
@@ -328,6 +270,8 @@ class PresenceService:
                         not storm or now >= next_flush + STORM_FLUSH_DELAY_MS):
                     self._flush_requested = False
                     next_flush = now + interval
+                    if self._limiter is not None:
+                        self._limiter.sweep(now)
                     await self.flush()
             except asyncio.CancelledError:
                 raise
@@ -353,7 +297,9 @@ class PresenceService:
 
     async def tick(self) -> None:
         """Fire every deadline due at the clock's ``now`` (for fake clocks and simulations)."""
-        self._apply(self.engine.tick(self.clock.now()))
+        with gc_paused():
+            effects = self.engine.tick(self.clock.now())
+        self._apply(effects)
 
     async def flush(self) -> None:
         """Write dirty users and new activity to the store, then tell sinks it is durable."""
@@ -453,8 +399,7 @@ class PresenceService:
                 self._reject(where, now)
                 continue
             assert isinstance(where, DeviceTopic)
-            if limiter is not None and not limiter.allow(
-                    engine.find_device(where.user, where.device), where.user, where.device, now):
+            if limiter is not None and not limiter.allow(where.user, where.device, now):
                 rejected += 1
                 self._reject(Rejection("rate_limited", f"{where.user}/{where.device} sends "
                              f"more than {limiter.rate:g} messages/s"), now)
@@ -652,70 +597,3 @@ def _positional_arity(callback: Callback) -> int:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             n += 1
     return min(n, 3)
-
-
-def create_presence_service(
-    *,
-    heartbeat_interval_ms: int = 30_000,
-    away_after_ms: int = 300_000,
-    offline_after_ms: int = 3_600_000,
-    heartbeat_timeout_ms: int | None = None,
-    storage: StorageKind | Store = "memory",
-    db_path: str | None = None,
-    redis_url: str | None = None,
-    activity_limit: int = 1000,
-    activity_max_age_ms: int = 7 * 24 * 3600 * 1000,
-    prefix: str = "presence",
-    broker: str | None = None,
-    clock: Clock | None = None,
-    flush_interval_ms: int = 1000,
-    device_rate: float | None = 20.0,
-    device_burst: int = 100,
-    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-    max_devices_per_user: int = 64,
-    max_custom_status: int = 256,
-    **hub_options: Any,
-) -> PresenceService:
-    """Build a presence service: in-process by default, the hub on MQTT when given a broker.
-
-    ``storage`` is ``"memory"``, ``"tinydb"`` (``db_path``) or ``"redis"`` (``redis_url``), or a
-    :class:`~hub.store.Store`. ``broker`` is ``None`` (no MQTT), ``"embedded"`` (an amqtt broker
-    in this process), ``"auto"`` or an ``mqtt://``/``mqtts://`` URL; ``hub_options`` go to the
-    MQTT side (listen address, credentials, ...).
-
-    Limits: ``device_rate``/``device_burst`` (messages per second a device may send, sustained
-    and in a burst; ``None`` for no limit), ``max_payload_bytes``, ``max_devices_per_user``,
-    ``max_custom_status`` (characters), ``activity_limit``/``activity_max_age_ms`` per user.
-    """
-    try:
-        engine_config = EngineConfig(
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            away_after_ms=away_after_ms,
-            offline_after_ms=offline_after_ms,
-            heartbeat_timeout_ms=heartbeat_timeout_ms,
-            max_devices_per_user=max_devices_per_user,
-            max_custom_status=max_custom_status,
-        )
-    except ValueError as exc:
-        raise PresenceError(str(exc)) from None
-    limits = ActivityLimits(max_entries=activity_limit, max_age_ms=activity_max_age_ms)
-    if isinstance(storage, str):
-        from hub.store import open_store
-
-        store = open_store(
-            storage, db_path=db_path, redis_url=redis_url, limits=limits, namespace=prefix
-        )
-    else:
-        store = storage
-    config = ServiceConfig(
-        engine=engine_config, prefix=prefix, flush_interval_ms=flush_interval_ms,
-        max_payload_bytes=max_payload_bytes, device_rate=device_rate, device_burst=device_burst,
-    )
-    service = PresenceService(config, store=store, clock=clock)
-    if broker is not None:
-        from hub.mqtt import attach_mqtt
-
-        attach_mqtt(service, broker, **hub_options)
-    elif hub_options:
-        raise PresenceError(f"options need a broker: {', '.join(sorted(hub_options))}")
-    return service

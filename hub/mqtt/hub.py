@@ -1,0 +1,156 @@
+"""The hub on MQTT: device topics in, retained user topics and events out.
+
+:class:`MqttHub` is the one sink of effects for both ways onto the wire (a
+:class:`~hub.mqtt.transport.Transport`): the embedded broker (:mod:`.embedded`) and an
+external broker through the hub's own client (:mod:`.external`).
+
+Retained user topics are published only when their payload changed (a ``sync`` republishes
+all). ``P/hub/status`` is ``online`` while the hub runs, with ``offline`` as its will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from hub.core.events import DeviceTimedOut, EmitEvent
+from hub.mqtt.transport import CommandRunner, HubService, Transport
+from hub.protocol import (
+    DeviceMessage,
+    ReplyPayload,
+    RequestPayload,
+    Topics,
+    UserStatePayload,
+    event_json,
+    text_payload,
+)
+
+log = logging.getLogger(__name__)
+
+#: users whose retained topics are republished per loop turn (4 messages each)
+REPUBLISH_SLICE = 500
+#: unacked messages above which a republish waits for the broker
+REPUBLISH_BACKLOG = 50_000
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("republishing retained state failed", exc_info=task.exception())
+
+
+class MqttHub:
+    """The MQTT side of the service: a sink for effects and a source of device messages."""
+
+    def __init__(self, service: HubService, transport_factory: Callable[[MqttHub], Transport],
+                 commands: CommandRunner) -> None:
+        self.service = service
+        self.topics: Topics = service.topics
+        self._commands = commands
+        #: per user, what its retained topics hold: (hash of the state JSON, status, custom
+        #: status, primary). The strings are the engine's own objects and the JSON is kept as
+        #: a hash, so this costs ~70 bytes a user instead of ~870 for topic -> payload.
+        self._retained: dict[str, tuple[int, str, str | None, str | None]] = {}
+        self._factory = transport_factory
+        self._transport: Transport | None = None
+        #: (user, device) -> MQTT client id that sent its birth (embedded broker only)
+        self.client_ids: dict[tuple[str, str], str] = {}
+        self._republishing: asyncio.Future[None] | None = None
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            raise RuntimeError("the MQTT side is not started")
+        return self._transport
+
+    async def start(self) -> None:
+        self._transport = self._factory(self)
+        self.service.add_sink(self)
+        self.service.set_request_handler(self._serve_request)
+        await self._transport.start()
+
+    async def stop(self) -> None:
+        if self._transport is None:
+            return
+        if self._republishing is not None:
+            self._republishing.cancel()
+        await self._transport.stop()
+        self.service.remove_sink(self)
+
+    # ------------------------------------------------------------------ sink
+
+    def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.transport.publish(topic, payload, qos, retain)
+
+    def publish_state(self, state: UserStatePayload, forced: bool) -> None:
+        """The user's four retained topics, each only when its payload changed (or forced)."""
+        uid = state.user_id
+        doc = state.to_json()
+        now = (hash(doc), state.status, state.custom_status, state.active_device)
+        was = None if forced else self._retained.get(uid)
+        self._retained[uid] = now
+        base = self.topics.user_base(uid)
+        publish = self.transport.publish
+        if was is None or was[0] != now[0]:
+            publish(base + "state", doc, 1, True)
+        if was is None or was[1] != now[1]:
+            publish(base + "status", text_payload(now[1]), 1, True)
+        if was is None or was[2] != now[2]:
+            publish(base + "custom", text_payload(now[2]), 1, True)
+        if was is None or was[3] != now[3]:
+            publish(base + "primary", text_payload(now[3]), 1, True)
+
+    def publish_event(self, event: EmitEvent) -> None:
+        payload = event_json(event.event, event.user_id, event.old, event.new, event.ts)
+        self._publish(self.topics.events(event.user_id), payload, 1, False)
+
+    def device_timed_out(self, effect: DeviceTimedOut) -> None:
+        self.transport.device_timed_out(effect, self.client_ids.get((effect.user_id, effect.device_id)))
+
+    def before_flush(self) -> None:
+        self.transport.before_flush()
+
+    def after_flush(self) -> None:
+        self.transport.after_flush()
+
+    def republish_all(self) -> None:
+        """Every user's retained topics, e.g. at start (an embedded broker forgets them).
+
+        In the background, :data:`REPUBLISH_SLICE` users per loop turn, pausing while the
+        transport has more than :data:`REPUBLISH_BACKLOG` messages unacked: a million devices
+        are millions of messages, which must not sit in memory at once nor hold the loop
+        (heartbeats are read in between). A user whose state changes meanwhile is published
+        with its newest state; publishing a snapshot is idempotent.
+        """
+        if self._republishing is not None:
+            self._republishing.cancel()
+        self._republishing = asyncio.ensure_future(self._republish(self.service.engine.user_ids()))
+        self._republishing.add_done_callback(_log_failure)
+
+    async def _republish(self, user_ids: list[str]) -> None:
+        engine = self.service.engine
+        transport = self.transport
+        began = asyncio.get_running_loop().time()
+        for start in range(0, len(user_ids), REPUBLISH_SLICE):
+            for uid in user_ids[start:start + REPUBLISH_SLICE]:
+                state = engine.snapshot(uid)
+                if state is not None:
+                    self.publish_state(state, forced=True)
+            await asyncio.sleep(0)
+            await transport.drained(REPUBLISH_BACKLOG)
+        if user_ids:
+            log.info("republished the retained state of %d users in %.2f s", len(user_ids),
+                     asyncio.get_running_loop().time() - began)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _serve_request(self, msg: DeviceMessage) -> None:
+        body = msg.body
+        assert isinstance(body, RequestPayload)
+        try:
+            result = await self._commands(msg.user, body.command)
+            reply = ReplyPayload(id=body.id, ok=result.ok, text=result.text, data=result.data)
+        except Exception as exc:  # never leave a caller waiting on a crash
+            log.exception("command %r of %s failed", body.command, msg.user)
+            reply = ReplyPayload(id=body.id, ok=False, text=f"hub error: {exc}")
+        self._publish(self.topics.reply(msg.user, msg.device), reply.to_json(), 1, False)
