@@ -13,7 +13,7 @@ user) have stopped arriving; the wait is reported, and the CPU window starts aft
 
 What used to make it low (amqtt 0.12.1, issue #6): every published message was matched
 against every topic filter in turn and every SUBSCRIBE against every retained topic, so a
-heartbeat cost O(devices); hub/broker.py now indexes both (hub/broker_index.py).
+heartbeat cost O(devices); hub/broker/embedded.py now indexes both (hub/broker/index.py).
 """
 
 from __future__ import annotations

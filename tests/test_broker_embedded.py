@@ -1,7 +1,7 @@
 """The embedded amqtt broker adapter, driven by real paho clients over TCP on 127.0.0.1.
 
 Besides the adapter's own promises, these tests pin what amqtt 0.12.1 gets wrong and how the
-adapter corrects it (see the docstring of hub/broker.py), and the deviations we accept.
+adapter corrects it (see the docstring of hub/broker/embedded.py), and the deviations we accept.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The broker's topic indexes (hub/broker_index.py) agree with amqtt's own matcher.
+"""The broker's topic indexes (hub/broker/index.py) agree with amqtt's own matcher.
 
 The tries replace amqtt's pairwise ``Broker._matches`` in the embedded broker's hot paths, so
 each must give exactly the pairs amqtt would: checked with hypothesis over topics and filters

@@ -1,4 +1,4 @@
-"""topics.md and hub/protocol.py describe the same wire: this keeps them in step."""
+"""topics.md and hub/protocol/ describe the same wire: this keeps them in step."""
 
 from __future__ import annotations
 

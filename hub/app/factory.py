@@ -49,7 +49,7 @@ def create_presence_service(
     """Build a presence service: in-process by default, the hub on MQTT when given a broker.
 
     ``storage`` is ``"memory"``, ``"tinydb"`` (``db_path``) or ``"redis"`` (``redis_url``), or a
-    :class:`~hub.store.Store`. ``broker`` is ``None`` (no MQTT), ``"embedded"`` (an amqtt broker
+    :class:`~hub.stores.Store`. ``broker`` is ``None`` (no MQTT), ``"embedded"`` (an amqtt broker
     in this process), ``"auto"`` or an ``mqtt://``/``mqtts://`` URL; ``hub_options`` go to the
     MQTT side (listen address, credentials, ...).
 
