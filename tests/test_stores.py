@@ -624,6 +624,7 @@ async def test_redis_key_layout(redis_server: RedisProcess) -> None:
         rows: list[Any] = await client.xrange(f"{ns}:activity:alice") or []
         [(entry_id, entry)] = rows
         assert entry_id == "1001-0"  # the id is received_at, so XTRIM MINID cuts by age
+        assert set(entry) == {"a", "i"}  # the entry, and its id that makes a retry harmless
         assert json.loads(entry["a"])["data"] == {"n": 1, "text": "grüß dich ✓"}
 
         await store.save_users([user("alice", device("laptop"))])

@@ -10,9 +10,10 @@ read it with plain commands (``HGETALL``, ``SMEMBERS``, ``XREVRANGE``):
 * ``{ns}:devices:{user}``: set of the user's device ids, so a save can delete the hashes of
   devices that left the record.
 * ``{ns}:device:{user}:{device}``: hash of one device record, encoded like the user hash.
-* ``{ns}:activity:{user}``: stream of the user's activity, one JSON entry in field ``a``. The
-  stream id's millisecond part is the entry's ``received_at`` (raised to the previous id when
-  the hub's clock went backwards), so ``XTRIM MINID`` cuts by age; ``MAXLEN`` cuts by count.
+* ``{ns}:activity:{user}``: stream of the user's activity, one JSON entry in field ``a`` and
+  the entry's id (:class:`~hub.stores.base.ActivityIds`) in field ``i``. The stream id's
+  millisecond part is the entry's ``received_at`` (raised to the previous id when the hub's
+  clock went backwards), so ``XTRIM MINID`` cuts by age; ``MAXLEN`` cuts by count.
 
 Why transactions: a batch is written in ``MULTI``/``EXEC`` transactions (one per 500 users, see
 ``_CHUNK_USERS``), so a hub that dies mid-flush never leaves a user with half its fields or an
@@ -21,6 +22,14 @@ devices to delete is read under ``WATCH``, so a concurrent writer makes the tran
 rather than leak keys.
 Appends run one small Lua script per user, because a stream id derived from ``received_at``
 must be compared with the stream's last id atomically.
+
+Why appends carry ids: a call that times out may still have run (Redis was only slow, or
+stopped and then resumed), and the service hands a failed flush's entries over again. The
+script skips every entry whose id the stream already holds, so an append is idempotent. Every
+call has a deadline (``timeout``): a stalled Redis is a :class:`StoreError` after it, never a
+flush that hangs. redis-py retries a call once, on a fresh connection (enough after a
+server restart left dead connections in the pool); its default of ten retries made one stall
+eleven waits of ``timeout`` before the flush heard of it.
 """
 
 from __future__ import annotations
@@ -34,18 +43,25 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hub.core.models import Activity, DeviceRecord, UserRecord
 from hub.protocol.urls import redact_url
-from hub.stores.base import ActivityLimits, StoreError, select_activity
+from hub.stores.base import ActivityIds, ActivityLimits, StoreError, select_activity
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_NAMESPACE = "presence"
+#: Seconds a Redis call may take. Long enough for the largest batch (a transaction of
+#: ``_CHUNK_USERS`` users answers in well under a second), short enough that a stalled server
+#: is reported while the operator is still looking.
+DEFAULT_TIMEOUT = 10.0
 _WATCH_ATTEMPTS = 10
 _PAGE = 200
 #: Users per transaction. One MULTI/EXEC reply is parsed as a whole by redis-py, in Python,
@@ -56,10 +72,25 @@ _ENTRY_FIELD = "a"
 
 _APPEND_SCRIPT = """
 -- KEYS[1]: activity stream; ARGV[1]: max entries; ARGV[2]: oldest ms to keep (0: no age cut);
--- ARGV[3..]: pairs of received_at (ms) and the entry's JSON, oldest first.
+-- ARGV[3..]: triples of received_at (ms), the entry's id and its JSON, oldest first.
 local key = KEYS[1]
+local cutoff = tonumber(ARGV[2])
 local last_ms, last_seq = 0, 0
+local held = {}
 if redis.call('EXISTS', key) == 1 then
+  -- A copy stored by an earlier call has a stream id at or above its received_at: the ids
+  -- of the entries from the oldest of this batch on are all that can repeat.
+  local oldest = nil
+  for i = 3, #ARGV, 3 do
+    local ms = tonumber(ARGV[i])
+    if oldest == nil or ms < oldest then oldest = ms end
+  end
+  for _, row in ipairs(redis.call('XRANGE', key, string.format('%.0f', oldest), '+')) do
+    local fields = row[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'i' then held[fields[j + 1]] = true end
+    end
+  end
   local info = redis.call('XINFO', 'STREAM', key)
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then
@@ -70,18 +101,23 @@ if redis.call('EXISTS', key) == 1 then
     end
   end
 end
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   local ms = tonumber(ARGV[i])
-  local seq = 0
-  if ms <= last_ms then
-    ms = last_ms
-    seq = last_seq + 1
+  local entry_id = ARGV[i + 1]
+  -- Too old already (a raised stream id would keep it past the age cut), or stored before.
+  if ms >= cutoff and not held[entry_id] then
+    local seq = 0
+    if ms <= last_ms then
+      ms = last_ms
+      seq = last_seq + 1
+    end
+    redis.call('XADD', key, 'MAXLEN', ARGV[1], string.format('%.0f-%.0f', ms, seq),
+               'a', ARGV[i + 2], 'i', entry_id)
+    last_ms, last_seq = ms, seq
+    held[entry_id] = true
   end
-  redis.call('XADD', key, 'MAXLEN', ARGV[1], string.format('%.0f-%.0f', ms, seq),
-             'a', ARGV[i + 1])
-  last_ms, last_seq = ms, seq
 end
-if tonumber(ARGV[2]) > 0 then
+if cutoff > 0 then
   redis.call('XTRIM', key, 'MINID', ARGV[2])
 end
 local len = redis.call('XLEN', key)
@@ -157,13 +193,16 @@ class RedisStore:
         namespace: str = DEFAULT_NAMESPACE,
         *,
         connect_timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.url = url
         self.limits = limits or ActivityLimits()
         self.namespace = namespace
         self.connect_timeout = connect_timeout
+        self.timeout = timeout
         self._client: aioredis.Redis | None = None
         self._append: Any = None
+        self._ids = ActivityIds()
         # Writes of this process reach Redis in call order (asyncio.Lock is FIFO); without it
         # two overlapping saves of one user could retry their WATCH and land swapped.
         self._write_lock = asyncio.Lock()
@@ -198,6 +237,8 @@ class RedisStore:
                 self.url,
                 decode_responses=True,
                 socket_connect_timeout=self.connect_timeout,
+                socket_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 1),
             )
             await client.ping()
         except (RedisError, OSError, ValueError) as exc:
@@ -231,18 +272,22 @@ class RedisStore:
         await self._guard("delete a user", lambda: self._delete_user(user_id), write=True)
 
     async def append_activity(self, user_id: str, entries: Sequence[Activity], now: int) -> None:
-        if not entries:
+        fresh = self._ids.fresh(entries)
+        if not fresh:
             return
         args: list[str | int] = [
             self.limits.max_entries,
             max(0, now - self.limits.max_age_ms),
         ]
-        for entry in entries:
-            args += [max(0, entry.received_at), entry.model_dump_json()]
+        for entry_id, entry in fresh:
+            args += [max(0, entry.received_at), entry_id, entry.model_dump_json()]
         key = self.activity_key(user_id)
         await self._guard(
             "append activity", lambda: self._append(keys=[key], args=args), write=True
         )
+        # Only now certainly stored: after a failure the ids go along again and the script
+        # skips those an unanswered call did store.
+        self._ids.take(entry_id for entry_id, _ in fresh)
 
     async def get_activity(
         self, user_id: str, limit: int | None = None, since: int | None = None
@@ -269,7 +314,18 @@ class RedisStore:
             async with self._write_lock:
                 return await fn()
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis at {redact_url(self.url)}: {action} failed: {exc}") from exc
+            raise StoreError(
+                f"Redis at {redact_url(self.url)}: {action} failed: {self._reason(exc)}"
+            ) from exc
+
+    def _reason(self, exc: BaseException) -> str:
+        """The cause in plain words first: a stall and a refused connection need different
+        actions from the operator, and redis-py's own text does not always tell them apart."""
+        if isinstance(exc, RedisTimeoutError | TimeoutError):
+            return f"no answer within {self.timeout:g} s (Redis stalled or overloaded): {exc}"
+        if isinstance(exc, RedisConnectionError | ConnectionError):
+            return f"cannot reach Redis: {exc}"
+        return str(exc)
 
     async def _load_users(self) -> list[UserRecord]:
         client = self.client

@@ -14,6 +14,10 @@ flush would be seconds of I/O a second. So:
 * The file is replaced atomically (temporary file in the same directory, fsync, ``os.replace``,
   fsync of the directory), so a crash at any moment leaves the old or the new complete
   database, never a torn or empty one.
+* A failed write (disk full, read-only file system) changes nothing already taken: the
+  database stays in memory, still marked unwritten, and goes to the file with the next write
+  that succeeds. Activity handed over again after a failed flush (the service keeps and
+  resends its batch) is recognised by :class:`~hub.stores.base.ActivityIds` and kept once.
 * Every TinyDB access, and the blocking file write, runs on one dedicated worker thread. A
   single worker keeps batches in call order and makes TinyDB (which is not thread-safe) only
   ever touched by one thread, even when an awaiting caller is cancelled mid-write, which an
@@ -46,7 +50,14 @@ from tinydb.table import Document, Table
 
 from hub.core.models import Activity, UserRecord
 from hub.process import gc_paused
-from hub.stores.base import ActivityLimits, StoreError, select_activity
+from hub.stores.base import (
+    ActivityIds,
+    ActivityLimits,
+    StoreError,
+    StoreErrorLog,
+    os_reason,
+    select_activity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +146,7 @@ class _BufferedAtomicStorage(Storage):
             atomic_write(self.path, payload)
         except OSError as exc:
             raise StoreError(
-                f"cannot write the TinyDB file {self.path}: {_reason(exc)}"
+                f"cannot write the TinyDB file {self.path}: {os_reason(exc)}"
             ) from exc
         self._encoded = encoded
         self._dirty = False
@@ -201,10 +212,6 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
 
 
 def _temp_files(path: Path) -> list[Path]:
@@ -283,6 +290,10 @@ class TinyDBStore:
         # Only the worker thread touches it.
         self._pending: dict[str, tuple[list[dict[str, Any]], int]] = {}
         self._timer: asyncio.Task[None] | None = None
+        # Entries this store has taken, so one handed over again after a failed flush is
+        # skipped rather than appended a second time.
+        self._ids = ActivityIds()
+        self._timer_errors = StoreErrorLog(log)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -325,7 +336,7 @@ class TinyDBStore:
         except OSError as exc:
             raise StoreError(
                 f"cannot create the directory {path.parent} for the TinyDB file {path}: "
-                f"{_reason(exc)}"
+                f"{os_reason(exc)}"
             ) from exc
         if path.is_dir():
             raise StoreError(f"the TinyDB file {path} is a directory")
@@ -337,7 +348,7 @@ class TinyDBStore:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise StoreError(f"cannot write the TinyDB file {path}: {_reason(exc)}") from exc
+            raise StoreError(f"cannot write the TinyDB file {path}: {os_reason(exc)}") from exc
         initial = self._read_file()
         for stale in _temp_files(path):
             # Left by a process killed mid-write; the real file is complete without it.
@@ -354,7 +365,7 @@ class TinyDBStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreError(f"cannot read the TinyDB file {path}: {_reason(exc)}") from exc
+            raise StoreError(f"cannot read the TinyDB file {path}: {os_reason(exc)}") from exc
         if not raw.strip():
             return None  # TinyDB's own convention: an empty file is an empty database
         try:
@@ -388,7 +399,10 @@ class TinyDBStore:
         await self._run(lambda: self._delete_user_sync(user_id))
 
     async def append_activity(self, user_id: str, entries: Sequence[Activity], now: int) -> None:
-        docs = [e.model_dump(mode="json") for e in entries]
+        fresh = self._ids.fresh(entries)
+        if not fresh:
+            return
+        docs = [(entry_id, e.model_dump(mode="json")) for entry_id, e in fresh]
         await self._run(lambda: self._append_sync(user_id, docs, now))
         self._schedule_commit()
 
@@ -450,9 +464,16 @@ class TinyDBStore:
         self._pending.pop(user_id, None)
         self._commit_sync()
 
-    def _append_sync(self, user_id: str, docs: list[dict[str, Any]], now: int) -> None:
+    def _append_sync(self, user_id: str, docs: list[tuple[str, dict[str, Any]]], now: int) -> None:
+        """Buffer the entries not taken yet, and take them (here, so a cancelled caller whose
+        job never ran leaves them untaken, and one whose job ran leaves them taken)."""
+        ids = self._ids
+        new = [(entry_id, doc) for entry_id, doc in docs if not ids.is_taken(entry_id)]
+        if not new:
+            return
         entries, last_now = self._pending.get(user_id, ([], now))
-        entries.extend(docs)
+        entries.extend(doc for _, doc in new)
+        ids.take(entry_id for entry_id, _ in new)
         if self.limits.max_entries > 0 and len(entries) > 2 * self.limits.max_entries:
             del entries[: -self.limits.max_entries]  # would be cut at the merge anyway
         self._pending[user_id] = (entries, max(now, last_now))
@@ -513,5 +534,8 @@ class TinyDBStore:
         try:
             await self._run(self._commit_sync)
         except StoreError as exc:
-            # The data stays buffered in memory; the next batch or close() tries again.
-            log.error("%s", exc)
+            # The data stays buffered in memory; the next batch or close() tries again. One
+            # line per outage and minute, not one per delayed write.
+            self._timer_errors.failed(exc)
+        else:
+            self._timer_errors.recovered()
