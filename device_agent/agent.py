@@ -16,6 +16,11 @@ old connection, so the only copy of undelivered activity is the on-disk outbox a
 sent twice by two mechanisms; and the backoff (with jitter), attempt counting and give-up are
 ours, with log lines a person can follow.
 
+Client ids. Every connection gets a new session id and, by default, the client id
+``presence-agent/{user}/{device}/{session}``: a reconnect is a new client, never a takeover of
+the old one (a takeover makes the broker publish the old connection's will just before the new
+birth).
+
 Delivery of activity: ``record_activity`` appends to the :class:`~device_agent.outbox.Outbox`
 (fsynced) and wakes the supervisor; the supervisor publishes rows in order (at most
 :data:`WINDOW` unacknowledged) and deletes each row when its PUBACK arrives. Rows appended by
@@ -255,7 +260,14 @@ class PresenceAgent:
         """Start connecting in the background; returns at once (see :meth:`wait_connected`)."""
         if self._thread is not None:
             raise RuntimeError("agent already started; a stopped agent cannot be restarted")
-        make_client(self.config, self.config.client_id)  # bad TLS files: fail here, not later
+        make_client(self.config, self.config.client_id_for("check"))  # bad TLS: fail here
+        if self.config.fixed_client_id:
+            log.warning(
+                "client_id %r has no {session}: every reconnect reuses it, so the broker takes"
+                " over the previous connection (and may publish its will just before the new"
+                " birth); use a template with {session} unless the broker demands a fixed id",
+                self.config.client_id,
+            )
         if self._idle_source is None:
             self._idle_source = make_idle_source(self.config.idle_source)
         self._acquire_lock()
@@ -378,7 +390,8 @@ class PresenceAgent:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        """One agent per user/device: two would fight over the client id and the outbox."""
+        """One agent per user/device and outbox: two would share the outbox, and two live
+        sessions of one device make its presence flap."""
         path = self.config.outbox_path.with_name(self.config.outbox_path.name + ".lock")
         try:
             import fcntl
@@ -469,12 +482,13 @@ class PresenceAgent:
         self._generation += 1
         generation = self._generation
         session = new_session_id()
-        client = make_client(config, config.client_id)
+        client_id = config.client_id_for(session)
+        client = make_client(config, client_id)
         will = ConnPayload(state="offline", session=session, reason="lost").to_json()
         client.will_set(self._conn_topic, will, qos=1, retain=True)
         self._install_callbacks(client, generation)
 
-        log.info("connecting to %s as %s", config.broker, config.client_id)
+        log.info("connecting to %s as %s", config.broker, client_id)
         try:
             client.connect(config.broker.host, config.broker.port, keepalive=config.keepalive_s)
         except OSError as exc:  # includes ssl.SSLError and socket.gaierror

@@ -94,7 +94,9 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("cert_file", "path", "client certificate file for mqtts://", "PATH"),
     Key("key_file", "path", "client private key file for mqtts://", "PATH"),
     Key("tls_insecure", "bool", "do not verify the broker's certificate host name (testing only)"),
-    Key("client_id", "str", "MQTT client id (default presence-agent/USER/DEVICE)", "ID"),
+    Key("client_id", "str", "MQTT client id template; {user}, {device} and {session} are filled"
+        " in (default presence-agent/{user}/{device}/{session}); without {session} the id is"
+        " fixed and every reconnect takes over the previous connection", "TEMPLATE"),
     Key("keepalive", "duration", "MQTT keepalive (default 60s)", "DURATION"),
     Key("reconnect_min", "duration", "first reconnect delay (default 1s)", "DURATION"),
     Key("reconnect_max", "duration", "longest reconnect delay (default 60s)", "DURATION"),
@@ -106,6 +108,30 @@ KEYS: Final[tuple[Key, ...]] = (
 KEYS_BY_NAME: Final[dict[str, Key]] = {key.name: key for key in KEYS}
 
 _DEFAULT_BROKER: Final = "mqtt://localhost:1883"
+
+#: The client id of each connection. The session id makes every connection's id new, so a
+#: reconnect never takes over the previous connection: a broker that takes over a client id
+#: publishes the old connection's will just before the new birth, and the user would flap.
+DEFAULT_CLIENT_ID: Final = "presence-agent/{user}/{device}/{session}"
+_PLACEHOLDER_RE: Final = re.compile(r"\{([^{}]*)\}")
+_PLACEHOLDERS: Final = frozenset({"user", "device", "session"})
+
+
+def expand_client_id(template: str, user: str, device: str) -> str:
+    """Fill ``{user}`` and ``{device}`` in, keep ``{session}`` for each connection.
+
+    Raises ``ValueError`` for an empty template or an unknown placeholder, so a typo such as
+    ``{sesion}`` is not sent to the broker literally (as one fixed id for every connection).
+    """
+    if not template:
+        raise ValueError("client_id must not be empty")
+    unknown = sorted(set(_PLACEHOLDER_RE.findall(template)) - _PLACEHOLDERS)
+    if unknown:
+        raise ValueError(
+            f"client_id {template!r} has unknown placeholder(s) "
+            f"{', '.join('{' + u + '}' for u in unknown)}: use {{user}}, {{device}}, {{session}}"
+        )
+    return template.replace("{user}", user).replace("{device}", device)
 # --------------------------------------------------------------------------------------------
 # The settings
 
@@ -128,6 +154,8 @@ class AgentConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     tls_insecure: bool = False
+    #: The client id template with ``{user}`` and ``{device}`` filled in; ``{session}`` is
+    #: filled per connection by :meth:`client_id_for` ("" means the default template).
     client_id: str = ""
     keepalive_s: int = 60
     reconnect_min_ms: int = 1_000
@@ -154,6 +182,18 @@ class AgentConfig:
 
     def with_changes(self, **changes: Any) -> AgentConfig:
         return replace(self, **changes)
+
+    def client_id_for(self, session: str) -> str:
+        """The MQTT client id of the connection whose session id is ``session``."""
+        template = self.client_id or expand_client_id(DEFAULT_CLIENT_ID, self.user, self.device)
+        return template.replace("{session}", session)
+
+    @property
+    def fixed_client_id(self) -> bool:
+        """True when every connection uses the same client id (the template has no
+        ``{session}``): the user asked for it, for example because the broker's ACL names
+        client ids; each reconnect is then a takeover of the previous connection."""
+        return bool(self.client_id) and "{session}" not in self.client_id
 
     def describe(self) -> dict[str, str]:
         """Effective settings for people (``presence-agent config``); the password is hidden."""
@@ -354,7 +394,10 @@ def _build(
     if key_file and not cert_file:
         raise ConfigError("key_file is set but cert_file is not: give both for a client certificate")
 
-    client_id = conv.text("client_id") or f"presence-agent/{user}/{device}"
+    try:
+        client_id = expand_client_id(conv.text("client_id") or DEFAULT_CLIENT_ID, user, device)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({conv.where('client_id')})") from None
     host_name = socket.gethostname()
     name = conv.text("name") or host_name or device
     if len(name) > 128:

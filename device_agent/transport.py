@@ -3,7 +3,10 @@
 Both the long-running agent and the short-lived ``presence`` command connect the same way
 (same URL, credentials and TLS files), so that is done once here. Clients use MQTT 3.1.1 with a
 clean session: durability is the agent's own outbox, not broker-side session state, and 3.1.1
-works with every broker a home hub might run.
+works with every broker a home hub might run. The clean session matters more because every
+agent connection has a client id of its own (its session id is in it): a persistent session
+would never be resumed, only left behind on the broker, one per reconnect. The hub needs no
+device session either: it reads the retained ``conn`` and the last will.
 """
 
 from __future__ import annotations

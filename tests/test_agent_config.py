@@ -46,7 +46,8 @@ prefix = "home/presence"
     assert config.prefix == "home/presence"
     assert config.idle_source == "auto" and config.keepalive_s == 60  # defaults
     assert config.config_file == file
-    assert config.client_id == "presence-agent/flag-user/file-device"
+    assert config.client_id == "presence-agent/flag-user/file-device/{session}"
+    assert config.client_id_for("abc") == "presence-agent/flag-user/file-device/abc"
 
 
 def test_default_file_is_read_from_xdg_config_home_when_present(tmp_path: Path) -> None:
@@ -83,6 +84,7 @@ state_file = ""
         ({"prefix": "presence/#"}, {}, "invalid prefix"),
         ({"heartbeat_interval": "often"}, {}, "invalid duration 'often'.*--heartbeat-interval"),
         ({"heartbeat_interval": "1ms"}, {}, "at least 10ms"),
+        ({"client_id": "panel-{sesion}"}, {}, r"unknown placeholder\(s\) \{sesion\}.*--client-id"),
         ({"broker": "hub.lan:1883"}, {}, "invalid broker URL"),
         ({"broker": "ws://hub.lan"}, {}, "unsupported broker URL scheme 'ws'"),
         ({"broker": "mqtt://hub.lan/x"}, {}, "must not have a path"),
@@ -155,6 +157,23 @@ def test_from_values_for_library_use(tmp_path: Path) -> None:
     assert config.heartbeat_interval_ms == 200 and config.outbox_path == tmp_path / "o.db"
     with pytest.raises(ConfigError, match="unknown setting 'heartbeat'"):
         AgentConfig.from_values(user="a", heartbeat="1s")
+
+
+def test_client_id_is_a_template_filled_per_connection() -> None:
+    """A client id of its own per connection (the session is in it): a reconnect is never a
+    takeover. A fixed id is the user's explicit choice (a broker ACL may demand it)."""
+    default = AgentConfig.from_values(user="alice", device="laptop")
+    assert default.client_id == "presence-agent/alice/laptop/{session}"
+    assert default.client_id_for("s1") != default.client_id_for("s2")
+    assert default.client_id_for("s1") == "presence-agent/alice/laptop/s1"
+    assert not default.fixed_client_id
+    custom = AgentConfig.from_values(user="alice", device="laptop", client_id="{user}-{session}")
+    assert custom.client_id_for("s1") == "alice-s1" and not custom.fixed_client_id
+    fixed = AgentConfig.from_values(user="alice", device="laptop", client_id="panel-{device}")
+    assert fixed.client_id_for("s1") == "panel-laptop" and fixed.fixed_client_id
+    # Constructed directly (no client id given): the default template.
+    direct = AgentConfig(user="bob", device="pi")
+    assert direct.client_id_for("s1") == "presence-agent/bob/pi/s1" and not direct.fixed_client_id
 
 
 @pytest.mark.parametrize(
