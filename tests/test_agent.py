@@ -361,13 +361,13 @@ def test_request_returns_the_hubs_reply_for_its_own_id(
         assert agent.wait_connected(10)
         reply = wait_for(lambda: _who(agent), what="the hub to list the agent's user")
         assert reply.ok and USER in reply.text
-        assert [u["user_id"] for u in reply.data] == [USER]
+        assert [u["user_id"] for u in reply.data["users"]] == [USER]
         assert agent.request("/presence bogus", timeout=5).ok is False
 
 
 def _who(agent: PresenceAgent) -> ReplyPayload | None:
     reply = agent.request("/presence who", timeout=5)
-    return reply if reply.data else None
+    return reply if reply.data["users"] else None
 
 
 def test_request_without_a_hub_raises_hub_unavailable_in_time(

@@ -29,6 +29,7 @@ from hub.core import (
     SetCustomStatus,
     SetDeviceStatus,
     SetStatus,
+    Sleep,
     SyncRequest,
     events_from_message,
 )
@@ -50,7 +51,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def engine() -> Engine:
-    return Engine()
+    """Wills at once: the will grace has its own tests (tests/test_engine_truth.py)."""
+    return Engine(EngineConfig(will_grace_ms=0))
 
 
 def publishes(effects: Sequence[Effect]) -> list[PublishState]:
@@ -270,9 +272,9 @@ def test_timeouts_are_held_while_the_broker_link_is_down(engine: Engine) -> None
     engine.hold_timeouts()
     assert engine.tick(T0 + 3 * TIMEOUT) == ()  # the hub hears nobody: nobody is silent
     assert device_status(engine, "phone") == "online"
-    fx = engine.tick(T0 + AWAY)  # what devices said before still ages
-    assert device_status(engine, "phone") == "away"
-    assert timed_out(fx) == []
+    fx = engine.tick(T0 + AWAY)  # nor idle: no heartbeat could have said otherwise
+    assert device_status(engine, "phone") == "online"
+    assert fx == ()
     back = T0 + AWAY + 5_000
     engine.release_timeouts(back)  # one timeout of grace to be heard again
     assert engine.tick(back + TIMEOUT - 1) == ()
@@ -375,19 +377,20 @@ def test_activity_far_in_the_future_is_clamped_to_receive_time(engine: Engine) -
     assert engine.counters["clock_skew_clamped"] == 1
 
 
-def test_activity_far_in_the_past_keeps_its_label_but_timers_use_receive_time(
+def test_activity_older_than_the_last_interaction_is_history_only(
     engine: Engine, clock: FakeClock
 ) -> None:
+    """Replayed from an outbox a day late: logged with its own time, but it moves no idle
+    clock (the user did not just do it)."""
     engine.handle(Birth("u", "phone", "s1"), T0)
     plain = [Heartbeat("u", "phone", "s1")]
     run_until(engine, clock, T0 + 200_000, plain)
     fx = engine.handle(ActivityEvent("u", "message", "phone", "c", T0 - 86_400_000), clock.t)
     (rec,) = [e.activity for e in fx if isinstance(e, RecordActivity)]
     assert (rec.timestamp, rec.received_at) == (T0 - 86_400_000, T0 + 200_000)
-    run_until(engine, clock, T0 + 200_000 + AWAY - 1, plain)
-    assert device_status(engine, "phone") == "online"  # idle from receive time
-    run_until(engine, clock, T0 + 200_000 + AWAY, plain)
-    assert device_status(engine, "phone") == "away"
+    assert publishes(fx) == []
+    run_until(engine, clock, T0 + AWAY, plain)
+    assert device_status(engine, "phone") == "away"  # idle from the birth, not the replay
 
 
 def test_negative_idle_counts_as_interaction_now(engine: Engine) -> None:
@@ -957,17 +960,31 @@ def test_unchanged_user_keeps_its_version_after_load(engine: Engine) -> None:
     assert fresh.take_dirty() == []
 
 
-def test_device_idle_past_away_during_downtime_transitions_at_load(engine: Engine) -> None:
+def test_a_restart_changes_no_status_until_the_device_is_heard(engine: Engine) -> None:
+    """Down past the away time: nothing changes at load (no event storm); the device's first
+    heartbeat then lets its idle clock speak, and that transition is real."""
     engine.handle(Birth("u", "phone", "s1"), T0)
     v = engine.get_status("u").version
-    fresh, fx = restart(engine, {}, T0 + AWAY + 5_000)
-    assert device_status(fresh, "phone") == "away"
+    back = T0 + AWAY + 5_000
+    fresh, fx = restart(engine, {}, back)
+    assert (device_status(fresh, "phone"), fx) == ("online", [])
+    assert fresh.tick(back + TIMEOUT - 1) == ()
+    fx = fresh.handle(Heartbeat("u", "phone", "s1"), back + 1_000)
     (pub,) = publishes(fx)
     assert (pub.state.status, pub.state.version) == ("away", v + 1)
     assert events(fx) == [("statusChange", "online", "away")]
     # and the store learns the new state, so a second restart does not repeat the event
     (rec,) = fresh.take_dirty()
     assert (rec.status, rec.version) == ("away", v + 1)
+
+
+def test_a_device_not_heard_within_the_restart_grace_times_out(engine: Engine) -> None:
+    engine.handle(Birth("u", "phone", "s1"), T0)
+    back = T0 + AWAY + 5_000
+    fresh, _ = restart(engine, {}, back)
+    fx = fresh.tick(back + TIMEOUT)
+    assert timed_out(fx) == [("u", "phone")]
+    assert events(fx) == [("statusChange", "online", "offline"), ("offline", "online", "offline")]
 
 
 def test_a_record_inconsistent_with_its_devices_is_corrected_at_load(engine: Engine) -> None:
@@ -1016,6 +1033,9 @@ def test_idle_clock_moved_by_heartbeats_is_persisted_before_it_matters(engine: E
         assert (device_status(fresh, "laptop"), fx) == (device_status(engine, "laptop"), [])
     assert device_status(engine, "laptop") == "online"
     fresh, _ = restart(engine, store, clock.t)
+    fresh.handle(Heartbeat("u", "laptop", "s1"), clock.t)  # heard: its timers act again
+    run_until(fresh, clock, last_input + AWAY - 1, [Heartbeat("u", "laptop", "s1")])
+    assert device_status(fresh, "laptop") == "online"
     run_until(fresh, clock, last_input + AWAY, [Heartbeat("u", "laptop", "s1")])
     assert device_status(fresh, "laptop") == "away"
 
@@ -1186,8 +1206,12 @@ def parse(kind: str, body: dict[str, object]) -> DeviceMessage:
 
 def test_events_from_message_maps_every_device_topic() -> None:
     assert events_from_message(
-        parse("conn", {"state": "online", "session": "s1", "name": "Phone", "ts": 1})
-    ) == [Birth("u", "phone", "s1", "Phone")]
+        parse("conn", {"state": "online", "session": "s1", "name": "Phone", "ts": 1,
+                       "heartbeatMs": 60_000, "idleMs": 5})
+    ) == [Birth("u", "phone", "s1", "Phone", heartbeat_ms=60_000, idle_ms=5, ts=1)]
+    assert events_from_message(
+        parse("conn", {"state": "sleeping", "session": "s1", "sleepMs": 600_000, "ts": 2})
+    ) == [Sleep("u", "phone", "s1", 600_000)]
     assert events_from_message(parse("conn", {"state": "offline", "session": "s1"})) == [
         DeviceOffline("u", "phone", "s1", "lost")
     ]

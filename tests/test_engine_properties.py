@@ -66,7 +66,10 @@ from hub.core import (
 )
 from hub.core.models import UserRecord
 
-CONFIG = EngineConfig(heartbeat_interval_ms=1_000, away_after_ms=8_000, offline_after_ms=20_000)
+#: wills at once here: the will grace has its own tests (tests/test_engine_truth.py)
+CONFIG = EngineConfig(heartbeat_interval_ms=1_000, away_after_ms=8_000, offline_after_ms=20_000,
+                      will_grace_ms=0)
+FOREVER = 1 << 62
 TIMEOUT = CONFIG.timeout_ms
 AWAY = CONFIG.away_after_ms
 OFFLINE = CONFIG.offline_after_ms
@@ -95,8 +98,13 @@ class MDevice:
     last_seen: int | None = None
     li: int | None = None  # last interaction
     acked: int = 0
+    #: after a restart or during/after a link outage: the status holds until heard or this
+    hold: int | None = None
+    frozen: str = "offline"
 
     def status(self, now: int) -> str:
+        if self.hold is not None and now < self.hold and (self.connected or self.virtual):
+            return self.frozen
         if not (self.connected or self.virtual) or self.li is None:
             return "offline"
         idle = now - self.li
@@ -147,11 +155,14 @@ class Model:
         present = [d for d in u.devices.values() if d.status(now) != "offline" and d.li is not None]
         if not present:
             return cur.id if cur else None
-        best = present[0]
-        for d in present[1:]:
+        real = [d for d in present if not d.virtual]
+        candidates = real or present  # a real device over any virtual one
+        best = candidates[0]
+        for d in candidates[1:]:
             if d.li > best.li:  # type: ignore[operator]
                 best = d
-        if cur is None or cur.status(now) == "offline" or cur is best:
+        if cur is None or cur.status(now) == "offline" or cur is best or (
+                cur.virtual and not best.virtual):
             return best.id
         assert best.li is not None and cur.li is not None
         return best.id if best.li > cur.li + HYSTERESIS else cur.id
@@ -194,27 +205,42 @@ class Model:
         """What is due at ``now``: heartbeat timeouts; idle statuses are computed at ``now``."""
         for u in self.users.values():
             for d in u.devices.values():
+                if d.hold is not None and d.hold <= now:
+                    d.hold = None
                 if self.held:
-                    break
+                    continue
                 if d.connected and d.last_seen is not None and now - d.last_seen >= TIMEOUT:
                     d.connected = False
                     self.timed_out.append((u.id, d.id))
         for u in self.users.values():
             self.refresh(u, now)
 
+    def hold(self, now: int) -> None:
+        """The broker link is down: connected devices keep their status (nothing is heard)."""
+        if not self.held:
+            self.held = True
+            for u in self.users.values():
+                for d in u.devices.values():
+                    if d.connected and not d.virtual:
+                        d.frozen, d.hold = d.status(now), FOREVER
+
     def release(self, now: int) -> None:
-        """The broker link is back: one timeout of grace for every connected device."""
+        """The broker link is back: one timeout of grace for every connected device, whose
+        status holds until it is heard or the grace is over."""
         if self.held:
             self.held = False
             for u in self.users.values():
                 for d in u.devices.values():
                     if d.connected:
                         d.last_seen = now if d.last_seen is None else max(d.last_seen, now)
+                        if d.hold is not None:
+                            d.hold = now + TIMEOUT
 
     # -- events
 
     def connect(self, d: MDevice, session: str, now: int, name: str | None) -> None:
         d.virtual, d.session, d.connected, d.ended, d.last_seen = False, session, True, False, now
+        d.hold = None
         d.li = now if d.li is None else max(d.li, now)
         if name:
             d.name = name
@@ -227,10 +253,10 @@ class Model:
             if d.session == ev.session:
                 if not d.ended and ev.name:  # the birth after the heartbeat that stood in
                     d.name = ev.name
-                if d.connected:
-                    d.last_seen = now
+                if d.connected and not d.ended:
+                    d.last_seen, d.hold = now, None
                 elif not d.ended:  # a redelivered birth revives, without an interaction
-                    d.connected, d.virtual, d.last_seen = True, False, now
+                    d.connected, d.virtual, d.last_seen, d.hold = True, False, now, None
             else:
                 self.connect(d, ev.session, now, ev.name)
             self.refresh(u, now)
@@ -250,7 +276,7 @@ class Model:
                 if not d.ended:
                     if li is not None and (d.li is None or li > d.li):
                         d.li = li
-                    d.connected, d.virtual, d.last_seen = True, False, now
+                    d.connected, d.virtual, d.last_seen, d.hold = True, False, now, None
             elif d is not None and d.connected:
                 pass  # another session while connected: stale
             else:
@@ -260,17 +286,24 @@ class Model:
         elif isinstance(ev, ActivityEvent):
             u = self.user(ev.user)
             did = ev.device or ev.channel_id or "api"
+            if ev.device is None and did in u.devices and not u.devices[did].virtual:
+                did = "api." + did  # a real device's name: not its activity
             d = self.device(u, did, virtual=ev.device is None)
             ts = ev.timestamp if ev.timestamp is not None else now
             if ts > now + SKEW:
                 ts = now
             self.records.append((u.id, ev.type, ev.channel_id, ts, d.id, now))
+            if ev.timestamp is not None and d.li is not None and ts < d.li - SKEW:
+                return True  # older than its last interaction: history only
             if ev.channel_id is not None:
                 u.channels[ev.channel_id] = now
             d.li = now
+            d.hold = None
             if d.connected or d.virtual:
                 d.last_seen = now
-            if d.status(now) != "offline":
+            real_present = any(not x.virtual and x.status(now) != "offline"
+                               for x in u.devices.values())
+            if d.status(now) != "offline" and (not d.virtual or not real_present):
                 u.primary = d.id
             self.refresh(u, now)
         elif isinstance(ev, SetStatus):
@@ -284,6 +317,7 @@ class Model:
             if d is not None and (d.connected or d.virtual):
                 d.li = now if d.li is None else max(d.li, now)
                 d.last_seen = now
+                d.hold = None
             self.refresh(u, now)
         elif isinstance(ev, SetCustomStatus):
             text = ev.text.strip() if ev.text is not None else None
@@ -295,7 +329,7 @@ class Model:
         elif isinstance(ev, SetDeviceStatus):
             u = self.user(ev.user)
             d = self.device(u, ev.device, virtual=True)
-            d.connected, d.virtual, d.last_seen = False, True, now
+            d.connected, d.virtual, d.last_seen, d.hold = False, True, now, None
             d.li = now - {"online": 0, "away": AWAY, "offline": OFFLINE}[ev.status]
             if ev.status == "online":
                 u.primary = d.id
@@ -547,7 +581,7 @@ def test_random_event_sequences_keep_every_invariant(steps: list[Any]) -> None:
         model.expire(now)
         effects = list(engine.tick(now))
         if step == ("hold",):
-            model.held = True
+            model.hold(now)
             engine.hold_timeouts()
         elif step == ("release",):
             model.release(now)

@@ -20,7 +20,8 @@ from hub.protocol import format_duration_ms, parse_duration_ms
 
 HELP = """\
 /presence                      your status, custom status and primary device
-/presence who [channel]        who is online (optionally: active on a channel)
+/presence who [channel] [--limit N] [--after USER]
+                               who is online (optionally: active on a channel), a page at a time
 /presence activity [--limit N] [--since 1h]   your recent activity, newest first
 /presence online|away|dnd|offline             set your status (offline = invisible)
 /presence status "In a meeting"               set your custom status
@@ -90,9 +91,7 @@ async def _dispatch(presence: PresenceService, user_id: str, words: list[str]) -
     if verb in ("help", "-h", "--help"):
         return CommandResult(True, HELP, {"help": HELP})
     if verb == "who":
-        if len(args) > 1:
-            raise CommandError("usage: /presence who [channel]")
-        return await _who(presence, args[0] if args else None)
+        return await _who(presence, args)
     if verb == "activity":
         return await _activity(presence, user_id, args)
     if verb in STATUS_WORDS:
@@ -129,18 +128,44 @@ async def _me(presence: PresenceService, user_id: str) -> CommandResult:
     return CommandResult(True, " ".join(parts), s.model_dump(mode="json"))
 
 
-async def _who(presence: PresenceService, channel: str | None) -> CommandResult:
-    users = await presence.get_online_users(channel_id=channel)
+#: users in one ``who`` page by default, and at most: one request must not hold the loop nor
+#: send megabytes (100k present users were 13.5 MB in one reply)
+WHO_PAGE = 200
+WHO_PAGE_MAX = 1000
+
+
+def _who_parser() -> _Parser:
+    p = _Parser(prog="/presence who", add_help=False)
+    p.add_argument("channel", nargs="?")
+    p.add_argument("--limit", type=int, default=WHO_PAGE)
+    p.add_argument("--after", default=None)
+    return p
+
+
+async def _who(presence: PresenceService, args: list[str]) -> CommandResult:
+    opts = _who_parser().parse_args(args)
+    if not 1 <= opts.limit <= WHO_PAGE_MAX:
+        raise CommandError(f"--limit must be 1-{WHO_PAGE_MAX}")
+    channel = opts.channel
+    # one more than the page tells whether another page follows
+    users = await presence.get_online_users(channel_id=channel, limit=opts.limit + 1,
+                                            after=opts.after)
+    more = len(users) > opts.limit
+    users = users[:opts.limit]
+    nxt = users[-1].user_id if more else None
     where = f" on {channel}" if channel else ""
-    data = [u.model_dump(mode="json") for u in users]
+    data = {"users": [u.model_dump(mode="json") for u in users], "next": nxt}
     if not users:
         return CommandResult(True, f"nobody is online{where}", data)
     rows = [
         (u.user_id, u.status, u.active_device or "-", u.custom_status or "") for u in users
     ]
-    header = f"{len(users)} online{where}:"
-    return CommandResult(True, header + "\n" + _table(("USER", "STATUS", "PRIMARY", "CUSTOM"), rows),
-                         data)
+    header = f"{len(users)} online{where}" + (" (first page)" if more and opts.after is None
+                                               else "") + ":"
+    text = header + "\n" + _table(("USER", "STATUS", "PRIMARY", "CUSTOM"), rows)
+    if more:
+        text += f"\nmore: /presence who {channel + ' ' if channel else ''}--after {nxt}"
+    return CommandResult(True, text, data)
 
 
 async def _activity(presence: PresenceService, user_id: str, args: list[str]) -> CommandResult:
@@ -150,14 +175,14 @@ async def _activity(presence: PresenceService, user_id: str, args: list[str]) ->
     since = None
     if opts.since is not None:
         try:
-            since = presence.clock.now() - parse_duration_ms(opts.since)
+            since = presence.clock.wall() - parse_duration_ms(opts.since)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     entries = await presence.get_activity(user_id, limit=opts.limit, since=since)
     data = [a.model_dump(mode="json") for a in entries]
     if not entries:
         return CommandResult(True, "no activity", data)
-    now = presence.clock.now()
+    now = presence.clock.wall()
     rows = [
         (
             _ago(now, a.timestamp),
@@ -195,7 +220,7 @@ async def _devices(presence: PresenceService, user_id: str, args: list[str]) -> 
     data = [d.model_dump(mode="json") for d in devices]
     if not devices:
         return CommandResult(True, "no devices", data)
-    now = presence.clock.now()
+    now = presence.clock.wall()
     rows = [
         (
             ("* " if d.is_active else "  ") + d.id,

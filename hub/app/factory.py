@@ -44,6 +44,8 @@ def create_presence_service(
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_devices_per_user: int = 64,
     max_custom_status: int = 256,
+    will_grace_ms: int = 1_000,
+    max_heartbeat_interval_ms: int = 30 * 60_000,
     **hub_options: Any,
 ) -> PresenceService:
     """Build a presence service: in-process by default, the hub on MQTT when given a broker.
@@ -56,6 +58,10 @@ def create_presence_service(
     Limits: ``device_rate``/``device_burst`` (messages per second a device may send, sustained
     and in a burst; ``None`` for no limit), ``max_payload_bytes``, ``max_devices_per_user``,
     ``max_custom_status`` (characters), ``activity_limit``/``activity_max_age_ms`` per user.
+
+    Availability: ``will_grace_ms`` is how long a device's last will waits for a birth of a new
+    session before it takes effect (a reconnect never flaps the user; 0: at once), and
+    ``max_heartbeat_interval_ms`` bounds the interval a device may announce in its birth.
     """
     try:
         engine_config = EngineConfig(
@@ -65,6 +71,8 @@ def create_presence_service(
             heartbeat_timeout_ms=heartbeat_timeout_ms,
             max_devices_per_user=max_devices_per_user,
             max_custom_status=max_custom_status,
+            will_grace_ms=will_grace_ms,
+            max_heartbeat_interval_ms=max_heartbeat_interval_ms,
         )
     except ValueError as exc:
         raise PresenceError(str(exc)) from None

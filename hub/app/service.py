@@ -28,6 +28,7 @@ from hub.core.engine import Engine, EngineConfig, EngineError
 from hub.core.errors import PresenceError
 from hub.core.events import (
     ActivityEvent,
+    DeviceRemoved,
     DeviceTimedOut,
     Effect,
     EmitEvent,
@@ -103,6 +104,10 @@ class ServiceConfig:
     #: per-device message rate (sustained messages/s and burst); None turns the limit off
     device_rate: float | None = 20.0
     device_burst: int = 100
+    #: per-device rate of requests (chat commands), apart from the device's message budget:
+    #: a device asking ``who`` in a loop must not starve its own heartbeats, nor the loop
+    request_rate: float = 5.0
+    request_burst: int = 20
 
 
 Callback = Callable[..., Any]
@@ -129,6 +134,9 @@ class PresenceService:
             RateLimiter(config.device_rate, config.device_burst)
             if config.device_rate is not None else None
         )
+        self._request_limiter = RateLimiter(config.request_rate, config.request_burst)
+        #: events of what the engine found at load, sent to the sinks once they are attached
+        self._startup_events: list[EmitEvent] = []
         self._sinks: list[Sink] = []
         self._callbacks: dict[str, list[tuple[Callback, int]]] = {n: [] for n in EVENT_NAMES}
         self._pending_activity: dict[str, list[Activity]] = {}
@@ -165,6 +173,10 @@ class PresenceService:
         self._started = True
         for resource in self._resources:
             await resource.start()
+        startup, self._startup_events = self._startup_events, []
+        for eff in startup:  # status changes found at load reach P/events too
+            for sink in self._sinks:
+                sink.publish_event(eff)
 
     async def stop(self) -> None:
         """Stop the transport, fire what is due, flush everything, close the store."""
@@ -191,11 +203,12 @@ class PresenceService:
             return
         records = await self.store.load_users()
         with gc_paused():
-            effects = self.engine.load(records, self.clock.now())
+            effects = self.engine.load(records, self._now())
         self._loaded = True
         if records:
             log.info("loaded %d users from the store", len(records))
         self._apply(effects)
+        self._startup_events.extend(e for e in effects if type(e) is EmitEvent)
 
     def attach(self, resource: Resource) -> None:
         """Own a resource (the MQTT side): started after the store is loaded, stopped before
@@ -228,7 +241,7 @@ class PresenceService:
         """The broker is back: devices get one heartbeat timeout to be heard again."""
         if self._link_down:
             self._link_down = False
-            self.engine.release_timeouts(self.clock.now())
+            self.engine.release_timeouts(self._now())
             log.info("broker link up: devices have %d ms to be heard again",
                      self.config.engine.timeout_ms)
             self._poke()
@@ -256,7 +269,7 @@ class PresenceService:
                     await self._wake.wait()
                 finally:
                     timer.cancel()
-            now = self.clock.now()
+            now = self._now()
             try:
                 with gc_paused():
                     effects = self.engine.tick(now, TICK_SLICE)
@@ -272,6 +285,7 @@ class PresenceService:
                     next_flush = now + interval
                     if self._limiter is not None:
                         self._limiter.sweep(now)
+                    self._request_limiter.sweep(now)
                     await self.flush()
             except asyncio.CancelledError:
                 raise
@@ -279,6 +293,14 @@ class PresenceService:
                 # the clock must keep running: a store outage is retried on the next flush
                 log.exception("presence clock step failed; retrying")
                 await asyncio.sleep(min(1.0, interval / 1000))
+
+    def _now(self) -> int:
+        """The timer clock's ``now`` for the engine, telling it how far the wall clock leads
+        (one subtraction: the engine labels times with wall-clock ms, and a step of the wall
+        clock moves only the labels, never a timer)."""
+        now = self.clock.now()
+        self.engine.set_wall_offset(self.clock.wall() - now)
+        return now
 
     def _poke(self) -> None:
         """Wake the clock task if the engine now has an earlier deadline than it sleeps for."""
@@ -298,7 +320,7 @@ class PresenceService:
     async def tick(self) -> None:
         """Fire every deadline due at the clock's ``now`` (for fake clocks and simulations)."""
         with gc_paused():
-            effects = self.engine.tick(self.clock.now())
+            effects = self.engine.tick(self._now())
         self._apply(effects)
 
     async def flush(self) -> None:
@@ -315,7 +337,7 @@ class PresenceService:
             try:
                 # activity first, users last: a store that buffers activity (TinyDB) writes it
                 # with the users' batch, so a flush period costs one file write
-                now = self.clock.now()
+                now = self.clock.wall()  # activity ages are wall-clock labels
                 for user_id, entries in pending.items():
                     await self.store.append_activity(user_id, entries, now)
                 if records:
@@ -350,6 +372,9 @@ class PresenceService:
             elif type(eff) is DeviceTimedOut:
                 for sink in self._sinks:
                     sink.device_timed_out(eff)
+            elif type(eff) is DeviceRemoved:
+                for sink in self._sinks:
+                    sink.device_removed(eff)
 
     def _emit(self, eff: EmitEvent) -> None:
         for callback, arity in self._callbacks[eff.event]:
@@ -371,7 +396,7 @@ class PresenceService:
 
     def _event(self, event: Event) -> None:
         try:
-            effects = self.engine.handle(event, self.clock.now())
+            effects = self.engine.handle(event, self._now())
         except EngineError as exc:
             raise PresenceError(str(exc)) from None
         self._apply(effects)
@@ -387,7 +412,7 @@ class PresenceService:
         payload parsed, so a flooding device costs little and cannot starve the others.
         """
         rejected = 0
-        now = self.clock.now()
+        now = self._now()
         engine = self.engine
         where_of = self.topics.parse_device_topic
         limit = self.config.max_payload_bytes
@@ -399,7 +424,14 @@ class PresenceService:
                 self._reject(where, now)
                 continue
             assert isinstance(where, DeviceTopic)
-            if limiter is not None and not limiter.allow(where.user, where.device, now):
+            if where.kind == "req":
+                if not self._request_limiter.allow(where.user, where.device, now):
+                    rejected += 1
+                    self._reject(Rejection("requests_limited", f"{where.user}/{where.device} "
+                                 f"sends more than {self._request_limiter.rate:g} requests/s"),
+                                 now)
+                    continue
+            elif limiter is not None and not limiter.allow(where.user, where.device, now):
                 rejected += 1
                 self._reject(Rejection("rate_limited", f"{where.user}/{where.device} sends "
                              f"more than {limiter.rate:g} messages/s"), now)
@@ -541,10 +573,15 @@ class PresenceService:
     async def remove_device(self, user_id: str, device_id: str) -> None:
         self._event(RemoveDevice(_uid(user_id), validate_or_raise(device_id, "device id")))
 
-    async def get_online_users(self, channel_id: str | None = None) -> list[OnlineUser]:
+    async def get_online_users(self, channel_id: str | None = None, *, limit: int | None = None,
+                               after: str | None = None) -> list[OnlineUser]:
+        """Users whose status is not offline, by user id; with ``limit``, one page: the first
+        ``limit`` users after the user id ``after`` (the last one of the page before)."""
         if channel_id is not None:
             validate_or_raise(channel_id, "channel id")
-        return self.engine.get_online_users(channel_id, self.clock.now())
+        if limit is not None and limit < 1:
+            raise PresenceError("limit must be at least 1")
+        return self.engine.get_online_users(channel_id, self.clock.now(), limit, after)
 
     async def sync(self, user_id: str) -> SyncStatus:
         """Republish the user's state and ask every device to ack it."""

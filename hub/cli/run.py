@@ -167,6 +167,8 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
         activity_limit=settings["activity_limit"],
         activity_max_age_ms=settings["activity_max_age"],
         max_custom_status=settings["max_custom_status"],
+        will_grace_ms=settings["will_grace"],
+        max_heartbeat_interval_ms=settings["max_heartbeat_interval"],
     )
     if broker == "embedded":
         hub = attach_broker(

@@ -37,6 +37,12 @@ def _duration(value: Any) -> int:
     return parse_duration_ms(value)
 
 
+def _duration_or_zero(value: Any) -> int:
+    if str(value).strip() in ("0", "off"):
+        return 0
+    return _duration(value)
+
+
 def _log_level(value: Any) -> str:
     level = str(value).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -112,6 +118,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat_interval", "30s", "devices' heartbeat interval; timeout is 2.5x this",
             _duration),
     Setting("away_after", "5m", "idle time after which a device is away", _duration),
+    Setting("will_grace", "1s", "how long a device's last will waits for the device to reconnect "
+            "(a Wi-Fi/LTE handover) before it takes the device offline; 0: at once",
+            _duration_or_zero),
+    Setting("max_heartbeat_interval", "30m", "longest heartbeat interval a device may announce "
+            "in its birth (its timeout is 2.5x its own interval, up to 2.5x this)", _duration),
     Setting("offline_after", "1h", "idle time after which a device is offline", _duration),
     Setting("prefix", "presence", "topic prefix", _prefix),
     Setting("flush_interval", "1s", "how often changed state is written to the store (QoS 1 "

@@ -91,6 +91,7 @@ from hub.core.events import (
     ActivityEvent,
     Birth,
     DeviceOffline,
+    DeviceRemoved,
     DeviceTimedOut,
     Effect,
     EmitEvent,
@@ -102,6 +103,7 @@ from hub.core.events import (
     SetCustomStatus,
     SetDeviceStatus,
     SetStatus,
+    Sleep,
     SyncRequest,
 )
 from hub.core.models import (
@@ -145,6 +147,13 @@ class EngineConfig:
     max_devices_per_user: int = 64
     #: Longest custom status accepted.
     max_custom_status: int = 256
+    #: How long a will (``reason: lost``) of the current session waits before it takes
+    #: effect; a birth of a new session within it (a Wi-Fi/LTE handover, a takeover) voids it,
+    #: so a reconnect never flaps the user. 0 applies wills at once.
+    will_grace_ms: int = 1_000
+    #: The longest heartbeat interval a device may announce in its birth (its timeout is 2.5 x
+    #: the interval it announces, bounded by 2.5 x this).
+    max_heartbeat_interval_ms: int = 30 * 60_000
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval_ms", "away_after_ms", "offline_after_ms"):
@@ -154,6 +163,10 @@ class EngineConfig:
             raise ValueError("offline_after_ms must be >= away_after_ms")
         if self.heartbeat_timeout_ms is not None and self.heartbeat_timeout_ms <= 0:
             raise ValueError("heartbeat_timeout_ms must be > 0")
+        if self.will_grace_ms < 0:
+            raise ValueError("will_grace_ms must be >= 0")
+        if self.max_heartbeat_interval_ms <= 0:
+            raise ValueError("max_heartbeat_interval_ms must be > 0")
 
     @property
     def timeout_ms(self) -> int:
@@ -169,6 +182,8 @@ class EngineConfig:
 
 
 _NO_EFFECTS: Final[tuple[Effect, ...]] = ()
+#: ``hold_until`` of a device while the broker link is down: held until the link returns
+_FOREVER: Final = 1 << 62
 
 
 class EngineError(ValueError):
@@ -182,9 +197,11 @@ class EngineError(ValueError):
 class _Device:
     __slots__ = (
         "acked_version",
+        "born_ts",
         "connected",
         "due",
         "ended",
+        "hold_until",
         "id",
         "last_interaction",
         "last_seen",
@@ -192,9 +209,12 @@ class _Device:
         "removed",
         "saved_li",
         "session",
+        "sleep_until",
         "status",
+        "timeout",
         "user",
         "virtual",
+        "will_due",
     )
 
     def __init__(self, user: _User, device_id: str, name: str, virtual: bool) -> None:
@@ -215,8 +235,21 @@ class _Device:
         self.removed = False
         #: last_interaction as last handed to the store (see Engine.heartbeat)
         self.saved_li: int | None = None
-        #: the service's rate limiter keeps its per-device state here (GCRA: when the next
-        #: message is due), so it lives and dies with the device and costs one slot
+        #: this device's own heartbeat timeout (from the interval its birth announced), or
+        #: None for the hub's default
+        self.timeout: int | None = None
+        #: a will of the current session arrived; it takes effect at this time unless a birth
+        #: of a new session comes first (the will grace)
+        self.will_due: int | None = None
+        #: an announced sleep lasts until this time: no will or timeout takes it down before
+        #: ``sleep_until`` + its timeout
+        self.sleep_until: int | None = None
+        #: after a restart or a broker-link outage, the device's timers act only once it is
+        #: heard from again or this time has passed
+        self.hold_until: int | None = None
+        #: the device clock's ``ts`` of the current session's birth: a late birth of an older
+        #: session is stale
+        self.born_ts: int | None = None
 
 
 #: the channels of every user without any (never written: see _User.channels)
@@ -282,6 +315,19 @@ class Engine:
         self._offline = c.offline_after_ms
         self._hysteresis = c.hysteresis_ms
         self._write_idle_after = max(0, c.away_after_ms - 2 * self._timeout)
+        self._grace = c.will_grace_ms
+        self._max_timeout = c.max_heartbeat_interval_ms * 5 // 2
+        #: devices whose will waits out its grace (voided all at once if the link drops)
+        self._pending_wills: set[_Device] = set()
+        #: wall clock minus ``now``: timers run on the monotonic ``now``, labels (lastSeen,
+        #: activity times, event ts) are wall-clock (see hub.core.clock)
+        self._wall = 0
+        self._late_logged_at: int | None = None
+        self._late_unlogged = 0
+
+    def set_wall_offset(self, offset_ms: int) -> None:
+        """Tell the engine the wall clock's lead over ``now`` (steps when NTP steps it)."""
+        self._wall = offset_ms
 
     # ---------------------------------------------------------------- input
 
@@ -304,10 +350,16 @@ class Engine:
         """The hot path: O(1), no allocation unless something visible changes."""
         user = self._users.get(ev.user)
         d = user.devices.get(ev.device) if user is not None else None
-        if d is None or not d.connected or d.session != ev.session:
+        if d is None or not d.connected or d.ended or d.session != ev.session:
             self._heartbeat_slow(ev, now)
             return self._drain()
+        prev = d.last_seen
         d.last_seen = now
+        if d.hold_until is not None:  # the first word after a restart or link outage
+            self._heard(d, ev.idle_ms, now)
+            return self._drain()
+        if prev is not None and now - prev > (d.timeout or self._timeout) * 3 // 5:
+            self._late_heartbeat(d, now - prev, now)
         idle = ev.idle_ms
         if idle is not None:
             li = now - idle if idle > 0 else now
@@ -330,6 +382,34 @@ class Engine:
                     self._refresh_user(u, now)
                     return self._drain()
         return _NO_EFFECTS
+
+    def _heard(self, d: _Device, idle_ms: int | None, now: int) -> None:
+        """A held device spoke: its timers run again, from what it says now."""
+        d.hold_until = None
+        if idle_ms is not None:
+            li = now - idle_ms if idle_ms > 0 else now
+            if d.last_interaction is None or li > d.last_interaction:
+                d.last_interaction = li
+                self._dirty.add(d.user.id)
+        self._refresh_device(d, now)
+        self._refresh_user(d.user, now)
+
+    def _late_heartbeat(self, d: _Device, gap: int, now: int) -> None:
+        """A heartbeat came much later than the device's interval allows (1.5 intervals):
+        one line a minute, with a count, so a misconfigured device is found before it flaps."""
+        self.counters["late_heartbeat"] += 1
+        last = self._late_logged_at
+        if last is not None and now - last < 60_000:
+            self._late_unlogged += 1
+            return
+        more = f" ({self._late_unlogged} more late heartbeats in the last minute)" \
+            if self._late_unlogged else ""
+        interval = (d.timeout or self._timeout) * 2 // 5
+        log.warning("heartbeat of %s/%s came %d ms after the last one; its interval is %d ms "
+                    "(it times out after %d ms): check the device's heartbeat interval or "
+                    "network%s", d.user.id, d.id, gap, interval, d.timeout or self._timeout, more)
+        self._late_logged_at = now
+        self._late_unlogged = 0
 
     def tick(self, now: int, limit: int | None = None) -> Sequence[Effect]:
         """Fire every deadline that is due at ``now`` (at most ``limit`` of them).
@@ -354,7 +434,7 @@ class Engine:
         device of a user at once) publish one new state, not one per device in between.
         """
         heap = self._heap
-        timeout = self._timeout
+        default_timeout = self._timeout
         out = self._out
         dirty = self._dirty
         changed: dict[str, _User] = {}
@@ -369,8 +449,20 @@ class Engine:
             d.due = None
             u = d.user
             seen = d.last_seen
-            if d.connected and seen is not None and now - seen >= timeout and not held:
+            if d.hold_until is not None and d.hold_until <= now:
+                d.hold_until = None  # a grace is over: the timers act from here on
+            timeout = d.timeout or default_timeout
+            if d.will_due is not None and d.will_due <= now:
+                # the will's grace passed with no new session: the device is gone
+                d.will_due = None
+                self._pending_wills.discard(d)
                 d.connected = False
+                self.counters["will_applied"] += 1
+                dirty.add(u.id)
+            elif (d.connected and seen is not None and not held and now - seen >= timeout
+                    and (d.sleep_until is None or now - d.sleep_until >= timeout)):
+                d.connected = False
+                d.sleep_until = None
                 timeouts += 1
                 out.append(DeviceTimedOut(u.id, d.id, d.session))
                 dirty.add(u.id)
@@ -383,21 +475,39 @@ class Engine:
         if timeouts:
             # one line per tick, not per device: a broker outage times out thousands at once
             self.counters["device_timeout"] += timeouts
-            log.info("%d device(s) timed out: no message for %d ms", timeouts, timeout)
+            log.info("%d device(s) timed out: no message within their heartbeat timeout "
+                     "(%d ms unless the device announced its own interval)", timeouts,
+                     default_timeout)
         for u in changed.values():
             self._refresh_user(u, now)
 
     def hold_timeouts(self) -> None:
-        """The hub lost its broker: it hears no device now, so none may time out for silence.
+        """The hub lost its broker: it hears no device now, so no connected device's timers
+        may change its status (a silent device is not a gone one, and an idle clock that no
+        heartbeat can move is not an idle user).
 
-        Idle timers go on (they depend on what devices already said, not on hearing them).
+        Wills waiting out their grace are void: a broker that shuts down sends every client's
+        will just before it drops the hub (measured: 0.5 ms for 20 clients), and those devices
+        reconnect with new sessions. One that does not is timed out after the link is back.
         """
+        if self._pending_wills:
+            self.counters["will_voided_by_link_loss"] += len(self._pending_wills)
+            for d in self._pending_wills:
+                d.will_due = None
+            self._pending_wills.clear()
+        if self._timeouts_held:
+            return
         self._timeouts_held = True
+        for u in self._users.values():
+            for d in u.devices.values():
+                if d.connected and not d.virtual:
+                    d.hold_until = _FOREVER
 
     def release_timeouts(self, now: int) -> None:
         """The broker is back: every connected device gets one heartbeat timeout from ``now``
-        to be heard again (reconnecting devices send a new birth well within it), instead of
-        the false-offline storm that counting the outage as their silence would cause."""
+        to be heard again (reconnecting devices send a new birth well within it), and its
+        status holds until then, instead of the false-offline (or false-away) storm that
+        counting the outage as its silence would cause."""
         if not self._timeouts_held:
             return
         self._timeouts_held = False
@@ -405,6 +515,8 @@ class Engine:
             for d in u.devices.values():
                 if d.connected and not d.virtual:
                     d.last_seen = now if d.last_seen is None else max(d.last_seen, now)
+                    if d.hold_until is not None:  # not heard from during the outage
+                        d.hold_until = now + (d.timeout or self._timeout)
                     self._schedule(d, now)
 
     def check(self, event: Event) -> None:
@@ -432,6 +544,15 @@ class Engine:
         d = self._device_for(ev.user, ev.device, now, virtual=False)
         if d is None:
             return
+        if (d.session != ev.session and d.connected and not d.ended and ev.ts is not None
+                and d.born_ts is not None and ev.ts < d.born_ts):
+            # a late birth of an older session (its retained copy, or a QoS 1 retry that
+            # overtook nothing): the live session keeps the device, whose heartbeats would
+            # otherwise be dropped as another session's until a false timeout
+            self.counters["stale_session"] += 1
+            log.debug("ignored birth of %s/%s: session %s was born before the current one",
+                      ev.user, ev.device, ev.session)
+            return
         if d.session == ev.session:
             # The same birth again: a retained copy redelivered (the hub re-subscribed) or a
             # QoS 1 duplicate. The broker still holds the session, so it proves liveness and
@@ -450,19 +571,39 @@ class Engine:
                     return
             if d.connected:
                 d.last_seen = now
+                if d.hold_until is not None:
+                    self._heard(d, None, now)
             else:
                 self._revive(d, now)
             return
-        self._connect(d, ev.session, now, ev.name)
+        self._connect(d, ev.session, now, ev.name, ev.idle_ms, ev.heartbeat_ms, ev.ts)
 
-    def _connect(self, d: _Device, session: str, now: int, name: str | None) -> None:
+    def _connect(self, d: _Device, session: str, now: int, name: str | None,
+                 idle_ms: int | None = None, heartbeat_ms: int | None = None,
+                 born_ts: int | None = None) -> None:
+        """A new session of the device: connected from ``now``, with the interval and idle
+        time its birth announced (a heartbeat standing in for a lost birth announces none)."""
         d.virtual = False
         d.session = session
         d.connected = True
         d.ended = False
         d.last_seen = now
-        if d.last_interaction is None or now > d.last_interaction:
-            d.last_interaction = now
+        d.born_ts = born_ts
+        d.hold_until = None
+        d.sleep_until = None
+        if d.will_due is not None:  # the old session's will is void: a reconnect, no flap
+            d.will_due = None
+            self._pending_wills.discard(d)
+            self.counters["will_voided_by_reconnect"] += 1
+        if heartbeat_ms is not None:
+            d.timeout = min(heartbeat_ms * 5 // 2, self._max_timeout)
+        elif born_ts is not None:
+            d.timeout = None  # a birth that announces nothing: the hub's interval applies
+        # reconnecting is not using the device: with idleMs the birth says when the user
+        # last did something, without it the birth itself is the interaction
+        li = now - idle_ms if idle_ms else now
+        if d.last_interaction is None or li > d.last_interaction:
+            d.last_interaction = li
         if name:
             d.name = sys.intern(name[:128])
         self._dirty.add(d.user.id)
@@ -474,6 +615,7 @@ class Engine:
         d.connected = True
         d.virtual = False  # an API-set status holds only until the device speaks again
         d.last_seen = now
+        d.hold_until = None
         self.counters["device_revived"] += 1
         self._dirty.add(d.user.id)
         self._refresh_device(d, now)
@@ -487,12 +629,47 @@ class Engine:
             log.debug("ignored offline of %s/%s: session %s is not current",
                       ev.user, ev.device, ev.session)
             return
-        d.connected = False
+        lost = ev.reason == "lost"
+        if lost and d.sleep_until is not None and d.connected:
+            # an announced sleep: the broker may still send the will of the sleeping session
+            # (a device that dropped its link instead of disconnecting); it changes nothing
+            self.counters["will_while_sleeping"] += 1
+            d.ended = True
+            return
         d.ended = True
-        if ev.reason != "lost":
+        if lost and self._grace and d.connected:
+            # the broker speaks for a silent device: wait out the grace, in which a birth of
+            # a new session (the same device reconnecting) voids this will
+            d.will_due = now + self._grace
+            self._pending_wills.add(d)
+            self._dirty.add(d.user.id)
+            self._schedule(d, now)
+            return
+        d.connected = False
+        d.sleep_until = None
+        if d.will_due is not None:
+            d.will_due = None
+            self._pending_wills.discard(d)
+        if not lost:
             # a clean stop is the device speaking; a will is the broker speaking for a
             # device that has been silent, so it does not count as seeing the device
             d.last_seen = now
+        self._dirty.add(d.user.id)
+        self._refresh_device(d, now)
+        self._refresh_user(d.user, now)
+
+    def _sleep(self, ev: Sleep, now: int) -> None:
+        user = self._users.get(ev.user)
+        d = user.devices.get(ev.device) if user else None
+        if d is None or d.session != ev.session or d.ended or not d.connected:
+            self.counters["stale_session"] += 1
+            return
+        if d.sleep_until is not None:
+            return  # the same announcement redelivered (a retained copy): a new sleep needs a
+            # new session, whose birth ended this one
+        d.sleep_until = now + ev.sleep_ms
+        d.last_seen = now
+        d.hold_until = None
         self._dirty.add(d.user.id)
         self._refresh_device(d, now)
         self._refresh_user(d.user, now)
@@ -506,6 +683,7 @@ class Engine:
                 return
             # not connected, not ended: it timed out (or the API set its status); the same
             # session speaks again, so it is connected again
+            d.will_due = None
             if ev.idle_ms is not None:
                 li = now - ev.idle_ms if ev.idle_ms > 0 else now
                 if d.last_interaction is None or li > d.last_interaction:
@@ -528,14 +706,20 @@ class Engine:
         virtual = device_id is None
         if device_id is None:
             device_id = ev.channel_id or "api"
+            existing = self._users.get(ev.user)
+            same = existing.devices.get(device_id) if existing is not None else None
+            if same is not None and not same.virtual:
+                # a real device carries the channel's name: API activity is not its doing
+                device_id = ("api." + device_id)[:64]
         d = self._device_for(ev.user, device_id, now, virtual=virtual)
         if d is None:
             return
         u = d.user
-        ts = ev.timestamp if ev.timestamp is not None else now
-        if ts > now + self.config.max_clock_skew_ms:
+        wall_now = now + self._wall
+        ts = ev.timestamp if ev.timestamp is not None else wall_now
+        if ts > wall_now + self.config.max_clock_skew_ms:
             self.counters["clock_skew_clamped"] += 1
-            ts = now
+            ts = wall_now
         self._out.append(
             RecordActivity(
                 u.id,
@@ -544,11 +728,18 @@ class Engine:
                     channel_id=ev.channel_id,
                     timestamp=ts,
                     device_id=d.id,
-                    received_at=now,
+                    received_at=wall_now,
                     data=ev.data,
                 ),
             )
         )
+        if (ev.timestamp is not None and d.last_interaction is not None
+                and ts < d.last_interaction + self._wall - self.config.max_clock_skew_ms):
+            # older than what the device last did (replayed from an outbox, say): history
+            # only, it moves no status, idle clock or primary
+            self.counters["activity_history"] += 1
+            self._dirty.add(u.id)
+            return
         if ev.channel_id is not None:
             if u.channels is _NO_CHANNELS:
                 u.channels = {}
@@ -558,9 +749,10 @@ class Engine:
         d.last_interaction = now
         if d.connected or d.virtual:
             d.last_seen = now
+        d.hold_until = None
         self._dirty.add(u.id)
         self._refresh_device(d, now)
-        if d.status != OFFLINE:
+        if d.status != OFFLINE and (not d.virtual or not self._real_present(u)):
             u.active_device = d.id  # explicit activity moves the primary at once
         self._refresh_user(u, now)
 
@@ -590,6 +782,7 @@ class Engine:
         if d.last_interaction is None or now > d.last_interaction:
             d.last_interaction = now
         d.last_seen = now
+        d.hold_until = None
         self._refresh_device(d, now)
 
     def _set_custom_status(self, ev: SetCustomStatus, now: int) -> None:
@@ -613,6 +806,7 @@ class Engine:
             # the API says until its next heartbeat or birth
             d.connected = False
         d.virtual = True
+        d.hold_until = None
         if ev.status == ONLINE:
             d.last_interaction = now
         elif ev.status == AWAY:
@@ -641,7 +835,7 @@ class Engine:
 
     def _sync(self, ev: SyncRequest, now: int) -> None:
         u = self._user_for(ev.user)
-        u.last_sync = now
+        u.last_sync = now + self._wall
         self._dirty.add(u.id)
         self._refresh_user(u, now, force=True)
 
@@ -651,14 +845,21 @@ class Engine:
         if user is None or d is None:
             raise EngineError(f"user {ev.user!r} has no device {ev.device!r}")
         d.removed = True
+        if d.will_due is not None:
+            self._pending_wills.discard(d)
         if user.active_device == d.id:
             user.active_device = None
         self._dirty.add(user.id)
+        if not d.virtual:
+            # its retained birth would bring it back the next time the hub subscribes
+            self._out.append(DeviceRemoved(user.id, d.id))
         self._refresh_user(user, now)
 
     # ---------------------------------------------------------------- rules
 
     def _device_status(self, d: _Device, now: int) -> DeviceStatus:
+        if d.hold_until is not None and now < d.hold_until and (d.connected or d.virtual):
+            return d.status  # a restart or link outage: unchanged until heard or grace over
         if not (d.connected or d.virtual) or d.last_interaction is None:
             return OFFLINE
         idle = now - d.last_interaction
@@ -669,9 +870,20 @@ class Engine:
         return ONLINE
 
     def _next_deadline(self, d: _Device) -> int | None:
+        if d.will_due is not None:
+            return d.will_due
         best: int | None = None
-        if d.connected and not d.virtual and d.last_seen is not None and not self._timeouts_held:
-            best = d.last_seen + self._timeout
+        real = d.connected and not d.virtual
+        hold = d.hold_until
+        if hold == _FOREVER:
+            return None  # the link is down: release_timeouts schedules every device again
+        if real and d.last_seen is not None and not self._timeouts_held:
+            timeout = d.timeout or self._timeout
+            best = d.last_seen + timeout
+            if d.sleep_until is not None and d.sleep_until + timeout > best:
+                best = d.sleep_until + timeout
+        if hold is not None and (best is None or hold < best):
+            best = hold
         if d.last_interaction is not None and (d.connected or d.virtual):
             if d.status == ONLINE:
                 idle_due = d.last_interaction + self._away
@@ -679,6 +891,8 @@ class Engine:
                 idle_due = d.last_interaction + self._offline
             else:
                 return best
+            if hold is not None and idle_due < hold:
+                idle_due = hold  # held: the idle clock is judged when the hold ends
             if best is None or idle_due < best:
                 best = idle_due
         return best
@@ -703,9 +917,14 @@ class Engine:
         self._schedule(d, now)
         return changed
 
+    @staticmethod
+    def _real_present(u: _User) -> bool:
+        """Is a real (MQTT) device of the user present? Then no virtual one is primary."""
+        return any(not x.virtual and x.status != OFFLINE for x in u.devices.values())
+
     def _primary_may_move(self, u: _User, d: _Device) -> bool:
         cur = u.devices.get(u.active_device) if u.active_device else None
-        if cur is None or cur.status == OFFLINE:
+        if cur is None or cur.status == OFFLINE or (cur.virtual and not d.virtual):
             return d.status != OFFLINE
         return (
             d.last_interaction is not None
@@ -714,16 +933,20 @@ class Engine:
         )
 
     def _choose_primary(self, u: _User) -> str | None:
+        """The present device with the most recent interaction; a real (MQTT) device over any
+        virtual one (API activity names a channel, not the device in the user's hand)."""
         cur = u.devices.get(u.active_device) if u.active_device else None
         best: _Device | None = None
         for d in u.devices.values():
             if d.status == OFFLINE or d.last_interaction is None:
                 continue
-            if best is None or d.last_interaction > (best.last_interaction or 0):
+            if best is None or (best.virtual and not d.virtual) or (
+                    best.virtual == d.virtual
+                    and d.last_interaction > (best.last_interaction or 0)):
                 best = d
         if best is None:
             return cur.id if cur is not None else None  # none present: the last one stays
-        if cur is None or cur.status == OFFLINE or cur is best:
+        if cur is None or cur.status == OFFLINE or cur is best or (cur.virtual and not best.virtual):
             return best.id
         assert best.last_interaction is not None and cur.last_interaction is not None
         if best.last_interaction > cur.last_interaction + self._hysteresis:
@@ -766,11 +989,12 @@ class Engine:
         elif force:
             self._out.append(PublishState(u.id, self._snapshot(u), forced=True))
         if new != old:
-            self._out.append(EmitEvent(u.id, "statusChange", old, new, now))
+            ts = now + self._wall
+            self._out.append(EmitEvent(u.id, "statusChange", old, new, ts))
             if old == OFFLINE:
-                self._out.append(EmitEvent(u.id, "online", old, new, now))
+                self._out.append(EmitEvent(u.id, "online", old, new, ts))
             elif new == OFFLINE:
-                self._out.append(EmitEvent(u.id, "offline", old, new, now))
+                self._out.append(EmitEvent(u.id, "offline", old, new, ts))
 
     @staticmethod
     def _key(u: _User) -> tuple[Any, ...]:
@@ -781,7 +1005,8 @@ class Engine:
             u.status,
             u.custom_status,
             u.active_device,
-            tuple([(d.id, d.name, d.status) for d in u.devices.values()]),
+            tuple([(d.id, d.name, d.status, d.sleep_until is not None)
+                   for d in u.devices.values()]),
         )
 
     # ---------------------------------------------------------------- helpers
@@ -824,13 +1049,20 @@ class Engine:
         # which shows when a tick publishes tens of thousands of users at once.
         active = u.active_device
         last_seen: int | None = None
+        wall = self._wall
         devices = []
         for d in u.devices.values():
             seen = d.last_seen
-            if seen is not None and (last_seen is None or seen > last_seen):
-                last_seen = seen
-            devices.append({"id": d.id, "name": d.name, "status": d.status, "last_seen": seen,
-                            "is_active": d.id == active})
+            if seen is not None:
+                seen += wall
+                if last_seen is None or seen > last_seen:
+                    last_seen = seen
+            entry = {"id": d.id, "name": d.name, "status": d.status, "last_seen": seen,
+                     "is_active": d.id == active}
+            if d.sleep_until is not None:
+                entry["sleeping"] = True
+                entry["wake_at"] = d.sleep_until + wall
+            devices.append(entry)
         return UserStatePayload.model_validate({
             "user_id": u.id,
             "name": u.name,
@@ -864,6 +1096,8 @@ class Engine:
             return UserStatus(user_id=user_id, name=user_id, status=OFFLINE)
         last_seen = max((d.last_seen for d in u.devices.values() if d.last_seen is not None),
                         default=None)
+        if last_seen is not None:
+            last_seen += self._wall
         return UserStatus(
             user_id=u.id,
             name=u.name,
@@ -883,24 +1117,35 @@ class Engine:
                 id=d.id,
                 name=d.name,
                 status=d.status,
-                last_seen=d.last_seen,
+                last_seen=None if d.last_seen is None else d.last_seen + self._wall,
                 is_active=d.id == u.active_device,
                 virtual=d.virtual,
             )
             for d in u.devices.values()
         ]
 
-    def get_online_users(self, channel_id: str | None, now: int) -> list[OnlineUser]:
+    def get_online_users(self, channel_id: str | None, now: int, limit: int | None = None,
+                         after: str | None = None) -> list[OnlineUser]:
         """Users whose status is not offline; with a channel, only those active on it within
-        ``offline_after_ms``. Sorted by user id for stable output."""
+        ``offline_after_ms``. Sorted by user id; a page is the first ``limit`` ids above
+        ``after`` (the last id of the page before), found in one pass without sorting all
+        present users (100k present users must not hold the loop for one request)."""
         out = []
         cutoff = now - self._offline
-        for uid in sorted(self._present):
-            u = self._users[uid]
-            if channel_id is not None:
-                seen = u.channels.get(channel_id)
-                if seen is None or seen < cutoff:
-                    continue
+        users = self._users
+
+        def wanted(uid: str) -> bool:
+            if after is not None and uid <= after:
+                return False
+            if channel_id is None:
+                return True
+            seen = users[uid].channels.get(channel_id)
+            return seen is not None and seen >= cutoff
+
+        ids = (uid for uid in self._present if wanted(uid))
+        page = sorted(ids) if limit is None else heapq.nsmallest(limit, ids)
+        for uid in page:
+            u = users[uid]
             out.append(
                 OnlineUser(
                     user_id=u.id,
@@ -950,11 +1195,12 @@ class Engine:
             self._present.discard(user_id)
             self._dirty.discard(user_id)
 
-    @staticmethod
-    def _record(u: _User) -> UserRecord:
+    def _record(self, u: _User) -> UserRecord:
         """The user as a store record. Built with ``model_construct`` (no validation): the
         engine's state is valid by construction, and validating every dirty user was a third
-        of the loop's work after a storm (profiled: 20k records per flush)."""
+        of the loop's work after a storm (profiled: 20k records per flush). Times are stored
+        as wall-clock epoch ms (the monotonic ``now`` starts anew with every process)."""
+        wall = self._wall
         for d in u.devices.values():
             d.saved_li = d.last_interaction
         return UserRecord.model_construct(
@@ -966,7 +1212,7 @@ class Engine:
             active_device=u.active_device,
             version=u.version,
             last_sync=u.last_sync,
-            channels=dict(u.channels),
+            channels={c: t + wall for c, t in u.channels.items()} if u.channels else {},
             devices=[
                 DeviceRecord.model_construct(
                     id=d.id,
@@ -976,9 +1222,13 @@ class Engine:
                     connected=d.connected,
                     ended=d.ended,
                     status=d.status,
-                    last_seen=d.last_seen,
-                    last_interaction=d.last_interaction,
+                    last_seen=None if d.last_seen is None else d.last_seen + wall,
+                    last_interaction=(None if d.last_interaction is None
+                                      else d.last_interaction + wall),
                     acked_version=d.acked_version,
+                    timeout_ms=d.timeout,
+                    sleep_until=None if d.sleep_until is None else d.sleep_until + wall,
+                    born_ts=d.born_ts,
                 )
                 for d in u.devices.values()
             ],
@@ -987,16 +1237,19 @@ class Engine:
     def load(self, records: Iterable[UserRecord], now: int) -> Sequence[Effect]:
         """Rebuild state from a store at start-up.
 
-        Devices last known connected get one heartbeat timeout of grace (their ``last_seen``
-        becomes ``now``) instead of a false-offline storm. Every loaded device and user is then
-        re-evaluated at ``now``: transitions that happened while the hub was down are real and
-        come out as effects (and mark the user dirty, so the store learns the new version);
-        the caller republishes every user anyway. A user none of whose devices changed keeps
-        its version and its primary (a record is one consistent snapshot of the user, so the
-        primary rule applied to it picks the stored primary again). Millions of long-lived
+        A restart changes no status by itself: every loaded device keeps its stored status
+        until it is heard from again or one heartbeat timeout of grace has passed (devices
+        last known connected get their ``last_seen`` set to ``now``, so a device that is
+        really gone times out then). A 10-minute outage would otherwise turn every active
+        user away at load and online again at the first heartbeat: an event storm at fleet
+        size. Transitions that the grace then finds are real and come out as effects. A user
+        none of whose devices changed keeps its version and its primary (a record is one
+        consistent snapshot of the user, so the primary rule applied to it picks the stored
+        primary again). Millions of long-lived
         objects, none garbage: the caller holds the garbage collector off around it.
         """
         loaded: dict[str, _User] = {}
+        wall = self._wall
         for rec in records:
             old = self._users.get(rec.id)
             if old is not None:  # loading over live state: the old devices' heap entries die
@@ -1009,17 +1262,25 @@ class Engine:
             u.active_device = rec.active_device
             u.version = rec.version
             u.last_sync = rec.last_sync
-            u.channels = dict(rec.channels) if rec.channels else _NO_CHANNELS
+            u.channels = ({c: t - wall for c, t in rec.channels.items()} if rec.channels
+                          else _NO_CHANNELS)
             for dr in rec.devices:
                 d = _Device(u, dr.id, dr.name, dr.virtual)
                 d.session = dr.session
                 d.connected = dr.connected and not dr.virtual
                 d.ended = dr.ended
                 d.status = dr.status
-                d.last_seen = now if d.connected else dr.last_seen
-                d.last_interaction = dr.last_interaction
+                d.last_seen = now if d.connected else (
+                    None if dr.last_seen is None else dr.last_seen - wall)
+                d.last_interaction = (None if dr.last_interaction is None
+                                      else dr.last_interaction - wall)
                 d.acked_version = dr.acked_version
-                d.saved_li = dr.last_interaction
+                d.saved_li = d.last_interaction
+                d.timeout = dr.timeout_ms
+                d.sleep_until = None if dr.sleep_until is None else dr.sleep_until - wall
+                d.born_ts = dr.born_ts
+                if d.connected or d.virtual:
+                    d.hold_until = now + (d.timeout or self._timeout)
                 u.devices[d.id] = d
             # the published key of the stored state, so an unchanged user keeps its version
             u.published_key = hash(self._key(u))
@@ -1046,6 +1307,7 @@ class Engine:
 
 _HANDLERS: Final[dict[type, Any]] = {
     Birth: Engine._birth,
+    Sleep: Engine._sleep,
     DeviceOffline: Engine._device_offline,
     # Heartbeat: dispatched to Engine.heartbeat (the hot path) before this table
     ActivityEvent: Engine._activity,

@@ -29,12 +29,27 @@ from hub.protocol import (
 
 @dataclass(frozen=True, slots=True)
 class Birth:
-    """A device's session began (``conn`` online)."""
+    """A device's session began (``conn`` online). ``heartbeat_ms`` is the device's own interval
+    (its timeout is 2.5 x that), ``idle_ms`` its user's idle time at birth, ``ts`` the device's
+    clock at birth (orders births of one device: a late birth of an older session is stale)."""
 
     user: str
     device: str
     session: str
     name: str | None = None
+    heartbeat_ms: int | None = None
+    idle_ms: int | None = None
+    ts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """The current session announced it sleeps for ``sleep_ms`` and then disconnects."""
+
+    user: str
+    device: str
+    session: str
+    sleep_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,7 @@ Event: TypeAlias = (
     | Ack
     | SyncRequest
     | RemoveDevice
+    | Sleep
 )
 
 
@@ -137,7 +153,11 @@ def events_from_message(msg: DeviceMessage) -> list[Event]:
         return [Heartbeat(msg.user, msg.device, body.session, body.idle_ms)]
     if isinstance(body, ConnPayload):
         if body.state == "online":
-            return [Birth(msg.user, msg.device, body.session, body.name)]
+            return [Birth(msg.user, msg.device, body.session, body.name, body.heartbeat_ms,
+                          body.idle_ms, body.ts)]
+        if body.state == "sleeping":
+            assert body.sleep_ms is not None  # the payload model requires it
+            return [Sleep(msg.user, msg.device, body.session, body.sleep_ms)]
         return [DeviceOffline(msg.user, msg.device, body.session, body.reason or "lost")]
     if isinstance(body, ActivityPayload):
         return [
@@ -189,7 +209,16 @@ class DeviceTimedOut:
     session: str | None
 
 
-Effect: TypeAlias = PublishState | EmitEvent | RecordActivity | DeviceTimedOut
+@dataclass(frozen=True, slots=True)
+class DeviceRemoved:
+    """A real device was removed: its retained ``conn`` must go too, or the next time the hub
+    subscribes the retained birth brings the device back."""
+
+    user_id: str
+    device_id: str
+
+
+Effect: TypeAlias = PublishState | EmitEvent | RecordActivity | DeviceTimedOut | DeviceRemoved
 
 
 class Sink(Protocol):
@@ -200,6 +229,8 @@ class Sink(Protocol):
     def publish_event(self, event: EmitEvent) -> None: ...
 
     def device_timed_out(self, effect: DeviceTimedOut) -> None: ...
+
+    def device_removed(self, effect: DeviceRemoved) -> None: ...
 
     def before_flush(self) -> None:
         """A flush starts: what was ingested until now is in it."""

@@ -99,6 +99,12 @@ class DeviceRecord(BaseModel):
     last_seen: int | None = None
     last_interaction: int | None = None
     acked_version: int = 0
+    #: the device's own heartbeat timeout (2.5 x the interval its birth announced), if any
+    timeout_ms: int | None = None
+    #: an announced sleep ends at this time (epoch ms); None when the device is not asleep
+    sleep_until: int | None = None
+    #: the device clock's ``ts`` of the current session's birth (orders births)
+    born_ts: int | None = None
 
 
 class UserRecord(BaseModel):

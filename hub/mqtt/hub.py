@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from hub.core.events import DeviceTimedOut, EmitEvent
+from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent
 from hub.mqtt.transport import CommandRunner, HubService, Transport
 from hub.protocol import (
     DeviceMessage,
@@ -106,6 +106,10 @@ class MqttHub:
 
     def device_timed_out(self, effect: DeviceTimedOut) -> None:
         self.transport.device_timed_out(effect, self.client_ids.get((effect.user_id, effect.device_id)))
+
+    def device_removed(self, effect: DeviceRemoved) -> None:
+        """Clear the device's retained ``conn`` (an empty retained message deletes it)."""
+        self._publish(self.topics.device(effect.user_id, effect.device_id, "conn"), b"", 1, True)
 
     def before_flush(self) -> None:
         self.transport.before_flush()

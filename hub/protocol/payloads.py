@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -46,14 +47,34 @@ SessionId = StrictStr
 Millis = StrictInt
 
 
-class ConnPayload(WireModel):
-    """``P/devices/{user}/{device}/conn``: birth, last will, or clean stop of one session."""
+#: longest announced heartbeat interval or sleep the wire accepts (a week); the hub bounds the
+#: interval further by its own ``--max-heartbeat-interval``
+MAX_ANNOUNCED_MS = 7 * 24 * 3600 * 1000
 
-    state: Literal["online", "offline"]
+
+class ConnPayload(WireModel):
+    """``P/devices/{user}/{device}/conn``: birth, last will, clean stop or announced sleep of one
+    session.
+
+    A birth may announce the device's own ``heartbeatMs`` (its timeout is then 2.5 x that) and
+    its user's ``idleMs`` (so reconnecting is not mistaken for using the device). A sleeping
+    device announces ``sleepMs`` before it disconnects cleanly.
+    """
+
+    state: Literal["online", "offline", "sleeping"]
     session: SessionId = Field(pattern=ID_FIELD_PATTERN)
     name: StrictStr | None = Field(default=None, max_length=128)
     reason: StrictStr | None = Field(default=None, max_length=64)
     ts: Millis | None = None
+    heartbeat_ms: StrictInt | None = Field(default=None, gt=0, le=MAX_ANNOUNCED_MS)
+    idle_ms: StrictInt | None = Field(default=None, ge=0)
+    sleep_ms: StrictInt | None = Field(default=None, gt=0, le=MAX_ANNOUNCED_MS)
+
+    @model_validator(mode="after")
+    def _sleep_says_how_long(self) -> ConnPayload:
+        if self.state == "sleeping" and self.sleep_ms is None:
+            raise ValueError("a sleeping conn needs sleepMs (how long the device sleeps)")
+        return self
 
 
 class HeartbeatPayload(WireModel):
@@ -111,11 +132,16 @@ class ReplyPayload(WireModel):
 
 
 class DeviceEntry(WireModel):
+    """One device in a user's state. A ``sleeping`` device announced when it wakes
+    (``wakeAt``, epoch ms; null when the device is not asleep)."""
+
     id: str
     name: str
     status: DeviceStatus
     last_seen: int | None = None
     is_active: bool = False
+    sleeping: bool = False
+    wake_at: int | None = None
 
 
 class UserStatePayload(WireModel):
