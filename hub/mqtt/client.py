@@ -14,8 +14,13 @@ only what the hub needs and does it per read, not per packet:
   with DUP after a reconnect, and messages published while disconnected queued;
 * acks are manual (:meth:`HubMqttClient.ack`), so the hub acks a message only after it is
   persisted: a SIGKILL makes the broker redeliver it;
-* keepalive pings and a dead-link check, reconnects with jittered exponential backoff, TLS, a
-  login and a will.
+* keepalive pings and a dead-link check, TLS, a login and a will;
+* reconnects that stay prompt while the broker is only restarting (``fast_retries`` quick
+  attempts, then jittered exponential backoff), and a strong backoff with one clear error when
+  the broker keeps closing the link right after accepting it (another client with the same
+  client id: two of them would otherwise take the session from each other ~10 times a second);
+* :func:`read_retained`, a one-shot look at a retained topic with a throw-away clean session
+  (the hub reads ``P/hub/status`` with it before it takes its own session).
 
 What it does not do (the hub does not need it): QoS 2 publishing, MQTT 5, websockets, proxies.
 A packet bigger than ``max_packet_bytes`` is not buffered: its header is read, the rest is
@@ -33,9 +38,9 @@ import random
 import ssl
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,17 @@ LOST_BEFORE_CONNACK = -1
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+#: delay range of a quick retry: after an established link ended, and for the first
+#: ``fast_retries`` attempts that could not reach the broker (a broker restart takes a moment;
+#: devices come back after about a second and must find the hub subscribed again)
+FAST_RETRY_S = (0.1, 0.25)
+#: a link that the broker closed sooner than this after accepting it counts as short
+STABLE_S = 10.0
+#: short links in a row that mean a fight over the client id (someone else connects with it)
+FIGHT_AFTER = 3
+#: backoff while fighting: 1-2 s, doubling to 30-60 s (half random)
+FIGHT_MIN_S = 2.0
+FIGHT_MAX_S = 60.0
 #: QoS 1 messages sent and not acked before more wait in the queue (packet ids are 16 bits)
 MAX_INFLIGHT = 16384
 #: how often keepalive is checked (pings are due after ``keepalive`` seconds of silence)
@@ -72,6 +88,19 @@ Received = tuple[str, bytes, int, int]
 
 class ProtocolError(Exception):
     """The broker sent something that is not MQTT 3.1.1: the connection is dropped."""
+
+
+class BrokerRefused(Exception):
+    """The broker answered but refused: a CONNACK return code or a refused subscription."""
+
+
+class _Attempt(NamedTuple):
+    """How one pass of the connection loop ended."""
+
+    #: why no link was established; None when one was (and has ended since)
+    failure: str | None
+    #: the broker could not be reached (worth a quick retry), rather than refused us
+    unreachable: bool = False
 
 
 def jittered_backoff(
@@ -181,6 +210,10 @@ class _Connection(asyncio.Protocol):
         #: done once asyncio has closed the socket (connection_lost ran)
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.established = False
+        #: loop time of the CONNACK that accepted us
+        self.since = 0.0
+        #: the broker (or the network) ended the link, not this side
+        self.broker_closed = False
         self.last_sent = self.loop.time()
         self.last_received = self.loop.time()
         self.ping_sent: float | None = None
@@ -197,6 +230,7 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         if not self.lost.done():
+            self.broker_closed = True
             self.lost.set_result(f"{exc}" if exc else "connection closed by the broker")
         if not self.connack.done():
             self.connack.set_result((LOST_BEFORE_CONNACK, False))
@@ -332,7 +366,19 @@ class _Connection(asyncio.Protocol):
                     if length != 2:
                         raise ProtocolError("CONNACK of the wrong length")
                     if not self.connack.done():
-                        self.connack.set_result((buf[start + 1], bool(buf[start] & 1)))
+                        code, present = buf[start + 1], bool(buf[start] & 1)
+                        self.connack.set_result((code, present))
+                        if code == 0:
+                            # Now, not when the connect task wakes up: the broker sends what
+                            # it queued for our session right behind the CONNACK, often in this
+                            # very read, and those messages belong to the new connection (their
+                            # acks would otherwise be dropped as stale and the broker's
+                            # in-flight window would stay full for good).
+                            client._accepted(self, present)
+                            if self.lost.done():  # we are stopping: nothing more to read
+                                pos = n
+                                received.clear()
+                                break
                 elif kind == SUBACK:
                     if 0x80 in buf[start + 2:end]:
                         log.error("the broker refused a subscription of the hub (SUBACK 0x80): "
@@ -371,7 +417,8 @@ class HubMqttClient:
     already sent by then); ``on_disconnect(reason)`` when an established link goes;
     ``on_oversize(topic, size, mid, qos)`` for a PUBLISH above ``max_packet_bytes`` (already
     acked, it cannot be handled anyway). ``backoff(n)`` is the delay after ``n`` failed
-    attempts in a row.
+    attempts in a row; the first ``fast_retries`` attempts that cannot reach the broker are
+    retried within :data:`FAST_RETRY_S` instead, as is the first attempt after a link ended.
     """
 
     def __init__(
@@ -395,6 +442,8 @@ class HubMqttClient:
         backoff: Callable[[int], float] = jittered_backoff,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         max_inflight: int = MAX_INFLIGHT,
+        fast_retries: int = 0,
+        before_connect: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
@@ -409,6 +458,11 @@ class HubMqttClient:
         self.max_packet_bytes = max_packet_bytes
         self.backoff = backoff
         self.connect_timeout = connect_timeout
+        self.fast_retries = fast_retries
+        #: awaited before each connection attempt until it returns None once: a reason string
+        #: (or OSError: the broker is unreachable) skips the attempt. The hub checks there that
+        #: no other hub is active before it takes its session.
+        self.before_connect = before_connect
         self._connect_packet = encode_connect(client_id, keepalive=keepalive,
                                               clean_session=clean_session, username=username,
                                               password=password, will=will)
@@ -426,12 +480,20 @@ class HubMqttClient:
         self._stopping = False
         #: connection attempts that failed in a row
         self.failures = 0
+        #: attempts that failed before the current connection was accepted
+        self.failures_before = 0
         #: CONNACKs that accepted us
         self.connects = 0
         #: bumped on every new connection: acks are for the connection a message came on
         self.generation = 0
         #: PINGRESPs seen (keepalive at work)
         self.pongs = 0
+        #: links in a row that the broker closed within :data:`STABLE_S` of accepting them
+        self.short_links = 0
+        #: the error about a fight over the client id was logged (once per fight)
+        self.fighting = False
+        #: the delay before the next connection attempt (seconds), for logs and tests
+        self.last_delay = 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -539,17 +601,59 @@ class HubMqttClient:
 
     async def _run(self) -> None:
         while not self._stopping:
-            reason = await self._connect_once()
+            attempt = await self._connect_once()
             if self._stopping:
                 return
-            if reason is None:
-                continue  # an established link ended: retry at once (with a short delay)
-            delay = self.backoff(self.failures - 1)
-            log.warning("%s; retrying in %.1f s", reason, delay)
+            self.last_delay = delay = self._next_delay(attempt)
             await asyncio.sleep(delay)
 
-    async def _connect_once(self) -> str | None:
-        """One connection from TCP to its end: None if it was established, else why not."""
+    def _next_delay(self, attempt: _Attempt) -> float:
+        """How long to wait before the next attempt, and the log line that says so."""
+        if attempt.failure is None:  # an established link ended
+            if self.short_links >= FIGHT_AFTER:
+                delay = jittered_backoff(self.short_links - FIGHT_AFTER, FIGHT_MIN_S, FIGHT_MAX_S)
+                if not self.fighting:
+                    self.fighting = True
+                    log.error(
+                        "the MQTT broker %s closed the hub's connection right after accepting it "
+                        "%d times in a row: another client is most likely connecting with the "
+                        "same client id %r (a second hub on this broker?) and the two take the "
+                        "session from each other. Stop the other one; this hub backs off "
+                        "(retrying in %.1f s, then less and less often) instead of fighting",
+                        self, self.short_links, self.client_id, delay)
+                else:
+                    log.warning("the MQTT broker %s closed the hub's connection again right "
+                                "after accepting it; retrying in %.1f s", self, delay)
+                return delay
+            if self.fighting:
+                self.fighting = False
+                log.warning("the link to the MQTT broker %s held: reconnecting promptly again",
+                            self)
+            return random.uniform(*FAST_RETRY_S)
+        failures = self.failures
+        if attempt.unreachable and failures <= self.fast_retries:
+            delay = random.uniform(*FAST_RETRY_S)
+            # one line per outage, not one per quick retry
+            log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                    "%s; retrying in %.2f s", attempt.failure, delay)
+            return delay
+        delay = self.backoff(failures - 1 - (self.fast_retries if attempt.unreachable else 0))
+        log.warning("%s; retrying in %.1f s", attempt.failure, delay)
+        return delay
+
+    async def _connect_once(self) -> _Attempt:
+        """One connection from TCP to its end, or why there was none."""
+        if self.before_connect is not None:
+            try:
+                why = await self.before_connect()
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                self.failures += 1
+                return _Attempt(f"cannot reach the MQTT broker {self}: "
+                                f"{exc or type(exc).__name__}", unreachable=True)
+            if why is not None:
+                self.failures += 1
+                return _Attempt(why)
+            self.before_connect = None
         conn = _Connection(self)
         try:
             await asyncio.wait_for(self.loop.create_connection(
@@ -558,26 +662,58 @@ class HubMqttClient:
                 self.connect_timeout)
             assert conn.transport is not None
             conn.transport.write(self._connect_packet)
-            code, session_present = await asyncio.wait_for(asyncio.shield(conn.connack),
-                                                           self.connect_timeout)
+            code, _present = await asyncio.wait_for(asyncio.shield(conn.connack),
+                                                    self.connect_timeout)
         except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
-            self.failures += 1
-            if conn.transport is not None:
-                conn.transport.abort()
-            return f"cannot reach the MQTT broker {self}: {exc or type(exc).__name__}"
+            if not conn.established:
+                self.failures += 1
+                conn.abort("no CONNACK")
+                return _Attempt(f"cannot reach the MQTT broker {self}: "
+                                f"{exc or type(exc).__name__}", unreachable=True)
+            code = 0  # the CONNACK was read just as the wait ran out: the link is up
+        except asyncio.CancelledError:  # stop() while connecting
+            conn.abort("the hub is stopping")
+            raise
         if code == LOST_BEFORE_CONNACK:
             self.failures += 1
-            return f"the MQTT broker {self} closed the connection before accepting the hub"
+            return _Attempt(f"the MQTT broker {self} closed the connection before accepting "
+                            "the hub", unreachable=True)
         if code != 0:
             self.failures += 1
             conn.abort("refused")
             why = CONNACK_REFUSALS.get(code, f"return code {code}")
-            return f"the MQTT broker {self} refused the hub: {why}"
-        self.failures = 0
+            return _Attempt(f"the MQTT broker {self} refused the hub: {why}")
+        # accepted: _accepted() made it the current connection in the read of the CONNACK
+        why = await asyncio.shield(conn.lost)
+        conn.established = False
+        if self._conn is conn:
+            self._conn = None
+        if self._stopping:
+            return _Attempt(None)
+        lasted = self.loop.time() - conn.since
+        log.info("link to the MQTT broker %s lost after %.1f s: %s", self, lasted, why)
+        if conn.broker_closed and lasted < STABLE_S:
+            self.short_links += 1
+        else:
+            self.short_links = 0
+        self._callback(self.on_disconnect, why)
+        return _Attempt(None)
+
+    def _accepted(self, conn: _Connection, session_present: bool) -> None:
+        """The broker accepted ``conn``: it becomes the current connection, at once.
+
+        Called from the parser on the CONNACK, before any packet that followed it in the same
+        read is handled, so the generation of what arrives next is already this connection's.
+        """
+        if self._stopping:
+            conn.abort("the hub is stopping")
+            return
+        self.failures_before, self.failures = self.failures, 0
         self.connects += 1
         self.generation += 1
         self._conn = conn
         conn.established = True
+        conn.since = self.loop.time()
         if self.subscriptions:
             conn.write(encode_subscribe(self._new_mid(), self.subscriptions))
         # the broker's session may hold them already (then they are duplicates, flagged DUP)
@@ -585,15 +721,6 @@ class HubMqttClient:
             conn.write(encode_publish(topic, payload, 1, retain, mid, dup=session_present))
         self._send_queued(conn)
         self._callback(self.on_connect, session_present)
-        why = await asyncio.shield(conn.lost)
-        conn.established = False
-        self._conn = None
-        if not self._stopping:
-            log.info("link to the MQTT broker %s lost: %s", self, why)
-            self._callback(self.on_disconnect, why)
-        if not self._stopping:
-            await asyncio.sleep(self.backoff(0) / 4)  # a broker restarting needs a moment
-        return None
 
     def _on_tick(self) -> None:
         """Keepalive: ping after ``keepalive`` s without sending; drop the link if no answer."""
@@ -660,7 +787,94 @@ class HubMqttClient:
             self.on_oversize(topic, size, mid, qos)
 
 
+# ---------------------------------------------------------------------------- a one-shot look
+
+#: largest packet :func:`read_retained` reads (a status word; anything near this is not one)
+PROBE_MAX_PACKET = 1024 * 1024
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One packet from a stream: (first byte, body)."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 21:
+            raise ProtocolError("remaining length longer than 4 bytes")
+    if length > PROBE_MAX_PACKET:
+        raise ProtocolError(f"a packet of {length} bytes where a short status was expected")
+    return first, await reader.readexactly(length)
+
+
+async def read_retained(
+    host: str,
+    port: int,
+    topic: str,
+    *,
+    client_id: str,
+    username: str | None = None,
+    password: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = CONNECT_TIMEOUT_S,  # noqa: ASYNC109 - one deadline for the whole exchange
+) -> bytes | None:
+    """The retained message of ``topic`` (None if there is none), read with a clean session.
+
+    Why a client of its own: the hub must look before it connects with its persistent
+    session's client id, since connecting with that id is exactly what takes a running hub's
+    session over. The end of the retained messages is known without a timeout: the broker
+    handles a client's packets in order, so a PINGRESP asked for after the SUBACK comes after
+    the retained messages that the subscription released (Mosquitto).
+
+    Raises OSError/TimeoutError when the broker cannot be reached, :class:`BrokerRefused` when
+    it refuses the login or the subscription, :class:`ProtocolError` for garbage.
+    """
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl_context,
+            server_hostname=host if ssl_context is not None else None)
+        try:
+            writer.write(encode_connect(client_id, keepalive=int(timeout) + 1, clean_session=True,
+                                        username=username, password=password))
+            first, body = await _read_packet(reader)
+            if first >> 4 != CONNACK or len(body) != 2:
+                raise ProtocolError("no CONNACK")
+            if body[1]:
+                raise BrokerRefused(CONNACK_REFUSALS.get(body[1], f"return code {body[1]}"))
+            writer.write(encode_subscribe(1, [(topic, 0)]))
+            retained: bytes | None = None
+            subscribed = False
+            while True:
+                first, body = await _read_packet(reader)
+                kind = first >> 4
+                if kind == PUBLISH and len(body) >= 2:
+                    end = 2 + ((body[0] << 8) | body[1])
+                    got = body[2:end].decode("utf-8", "replace")
+                    if first & 0x06:
+                        end += 2  # a packet id: the broker kept a higher QoS than asked
+                    if got == topic and first & 0x01:
+                        retained = body[end:]
+                elif kind == SUBACK and not subscribed:
+                    if body[2:3] == b"\x80":
+                        raise BrokerRefused(f"subscription to {topic} refused")
+                    subscribed = True
+                    writer.write(PINGREQ_PACKET)
+                elif kind == PINGRESP and subscribed:
+                    break
+            writer.write(DISCONNECT_PACKET)
+            await writer.drain()
+            return retained
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
 __all__ = [
+    "BrokerRefused",
     "HubMqttClient",
     "ProtocolError",
     "Received",
@@ -670,4 +884,5 @@ __all__ = [
     "encode_publish",
     "encode_subscribe",
     "jittered_backoff",
+    "read_retained",
 ]

@@ -4,16 +4,36 @@ A persistent session (fixed client id, clean session off) subscribed at QoS 1, s
 published while the hub is down is delivered when it returns. Every read from the socket is one
 ``ingest`` batch. QoS 1 messages are acked manually, only after the flush that persisted them,
 so a SIGKILL of the hub loses nothing: the broker redelivers what was not acked.
+
+One hub per broker and prefix: before it connects with the session's client id (which would
+take a running hub's session over), the hub reads the retained ``P/hub/status`` with a
+throw-away client and refuses to start while it says ``online``.
+
+Whenever the broker has no session for the hub (a broker restarted without persistence), its
+retained topics may be gone too: the hub republishes every user's state and says in the log
+that messages published to it meanwhile may have been lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import shlex
 import ssl
 
+from hub.core.errors import PresenceError
 from hub.core.events import DeviceTimedOut
-from hub.mqtt.client import HubMqttClient, Received, Will, jittered_backoff
+from hub.mqtt.client import (
+    FAST_RETRY_S,
+    BrokerRefused,
+    HubMqttClient,
+    ProtocolError,
+    Received,
+    Will,
+    jittered_backoff,
+    read_retained,
+)
 from hub.mqtt.embedded import PACKET_HEADROOM
 from hub.mqtt.hub import MqttHub
 from hub.protocol import BrokerURL
@@ -22,9 +42,20 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
+#: attempts that could not reach the broker retried within 0.1-0.25 s (about 7 s) before the
+#: backoff grows: a broker restart must not leave the hub away longer than its devices
+FAST_RETRIES = 40
+#: how long start() waits for the broker (the check for another hub, then the CONNACK)
+START_WAIT_S = 10.0
+#: one look at P/hub/status, from TCP connect to DISCONNECT
+PROBE_TIMEOUT_S = 5.0
 #: unacked QoS 1 messages that trigger an early flush (half Mosquitto's default in-flight 20)
 ACK_WINDOW = 10
 HUB_CLIENT_ID = "presence-hub"
+
+
+class HubAlreadyActive(PresenceError):
+    """Another hub's retained ``P/hub/status`` says ``online`` on this broker and prefix."""
 
 
 class ExternalTransport:
@@ -52,6 +83,7 @@ class ExternalTransport:
         self.wills_dropped = 0
         self.url = url
         self.loop = asyncio.get_running_loop()
+        self._client_id = client_id
         # (mid, qos, connection generation) ingested, not yet persisted / in the flush under way
         self._unacked: list[tuple[int, int, int]] = []
         self._acking: list[tuple[int, int, int]] = []
@@ -64,6 +96,7 @@ class ExternalTransport:
             if tls_insecure:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
+        self._ssl = context
         self.client = HubMqttClient(
             url.host, url.port, client_id=client_id, clean_session=False, keepalive=keepalive,
             username=url.username, password=url.password, ssl_context=context,
@@ -72,16 +105,81 @@ class ExternalTransport:
             on_messages=self._on_messages, on_connect=self._on_connect,
             on_disconnect=self._on_disconnect, on_oversize=self._on_oversize,
             max_packet_bytes=hub.service.config.max_payload_bytes + PACKET_HEADROOM,
-            backoff=_backoff,
+            backoff=_backoff, fast_retries=FAST_RETRIES,
         )
 
     async def start(self) -> None:
+        """Check that no other hub is active, then connect (retrying in the background).
+
+        Raises :class:`HubAlreadyActive` (one line for the command line) when another hub is.
+        If the broker cannot be asked within :data:`START_WAIT_S`, the hub starts anyway and
+        asks before its first connection: while another hub is active it waits, never taking
+        that hub's session over.
+        """
+        deadline = self.loop.time() + START_WAIT_S
+        checked = await self._check_until(deadline)
+        if not checked:
+            self.client.before_connect = self._gate
         log.info("connecting to MQTT broker %s as %s", self.url, self.client.client_id)
         await self.client.start()
         try:
-            await asyncio.wait_for(self.connected.wait(), timeout=10)
+            await asyncio.wait_for(self.connected.wait(),
+                                   timeout=max(0.0, deadline - self.loop.time()))
         except TimeoutError:
             log.warning("broker %s not reachable yet; the hub keeps retrying", self.url)
+
+    async def _check_until(self, deadline: float) -> bool:
+        """Ask the broker whether another hub is active, retrying quickly until ``deadline``;
+        False if it could not be asked. Raises :class:`HubAlreadyActive`."""
+        while True:
+            try:
+                await self._check_no_active_hub()
+                return True
+            except (OSError, TimeoutError, ssl.SSLError, ProtocolError) as exc:
+                why = f"{exc or type(exc).__name__}"
+            except BrokerRefused as exc:  # the hub's own login: retrying now will not help
+                why = f"refused: {exc}"
+                break
+            if self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(FAST_RETRY_S[1], max(0.0, deadline - self.loop.time())))
+        log.warning("cannot ask the MQTT broker %s yet whether another presence hub is active "
+                    "(%s); the hub asks again before it connects", self.url, why)
+        return False
+
+    async def _check_no_active_hub(self) -> None:
+        """Read the retained ``P/hub/status`` with a client of its own (a random client id and
+        a clean session); ``online`` there means another hub holds this broker and prefix."""
+        topic = self.hub.topics.hub_status
+        status = await read_retained(
+            self.url.host, self.url.port, topic,
+            client_id=f"{self._client_id}/probe-{secrets.token_hex(4)}",
+            username=self.url.username, password=self.url.password, ssl_context=self._ssl,
+            timeout=PROBE_TIMEOUT_S)
+        if status == b"online":
+            login = (f" -u {shlex.quote(self.url.username)} -P PASSWORD"
+                     if self.url.username else "")
+            tls = " --cafile CA.pem" if self.url.tls else ""
+            raise HubAlreadyActive(
+                f"another presence hub is active on the MQTT broker {self.url} with prefix "
+                f"{self.hub.topics.prefix!r} (its retained {topic} is 'online'): stop it "
+                f"first. A hub that died is marked offline by the broker within "
+                f"{self.client.keepalive * 3 // 2} s; only if it died while the broker was down, "
+                f"clear its status by hand and start again: mosquitto_pub -h {self.url.host} "
+                f"-p {self.url.port}{login}{tls} -r -t {topic} -m offline")
+
+    async def _gate(self) -> str | None:
+        """The client's ``before_connect`` when start() could not ask: None to connect, else
+        why not yet (another hub is active: wait for it to go; the login was refused)."""
+        try:
+            await self._check_no_active_hub()
+        except HubAlreadyActive as exc:
+            return f"{exc} [this hub waits and asks again]"
+        except BrokerRefused as exc:
+            return f"the MQTT broker {self.url} refused the hub: {exc}"
+        except ProtocolError as exc:
+            return f"the MQTT broker {self.url} answered the hub's check garbled: {exc}"
+        return None
 
     async def stop(self) -> None:
         # persist and ack what we have before leaving, so nothing is redelivered needlessly
@@ -106,7 +204,27 @@ class ExternalTransport:
         first, self._first_connect = self._first_connect, False
         self.connected.set()
         self.hub.service.link_up()
-        if first:
+        if not session_present and not first:
+            # The broker forgot the hub: it restarted without persistence (or the session
+            # expired). Its retained messages went with it, and what devices published
+            # before the hub subscribed again was delivered to no one.
+            log.warning("the MQTT broker %s has no session for the hub (it restarted without "
+                        "persistence, or the session expired): messages published to the hub "
+                        "while it was away may have been lost; republishing every user's "
+                        "retained state", self.url)
+        elif not session_present:
+            log.info("the MQTT broker %s holds no session for the hub yet (a first start, or "
+                     "the broker lost it while the hub was away)", self.url)
+        elif not first and self.client.failures_before:
+            # The broker was unreachable for a while: if it restarted after a crash, its
+            # retained messages are those of its last autosave, older than what we published.
+            log.info("the MQTT broker %s was unreachable for a while: republishing every "
+                     "user's retained state in case it restarted from an older save", self.url)
+        elif self.client.short_links:
+            # A link the broker closed right after accepting it: another client with the
+            # hub's id (a second hub) may have had the session and published its own state.
+            log.info("republishing every user's retained state after a contested link")
+        if first or not session_present or self.client.failures_before or self.client.short_links:
             self.hub.republish_all()
 
     def _on_disconnect(self, why: str) -> None:
@@ -188,5 +306,6 @@ class ExternalTransport:
 
 
 def _backoff(failures: int) -> float:
-    """The hub's reconnect delay: 0.25-0.5 s first, doubling up to 15-30 s, half random."""
+    """The hub's reconnect delay after the quick retries (:data:`FAST_RETRIES`) and after a
+    refusal: 0.25-0.5 s first, doubling up to 15-30 s, half random."""
     return jittered_backoff(failures, RECONNECT_MIN_S, RECONNECT_MAX_S)
