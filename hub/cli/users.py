@@ -112,6 +112,7 @@ def users_main(argv: Sequence[str], *, stdin: Any = None, env: Mapping[str, str]
         mosquitto_password_file,
         write_private_file,
     )
+    from hub.auth.mosquitto import mosquitto_conf
 
     stdin = sys.stdin if stdin is None else stdin
     out = sys.stdout if out is None else out
@@ -179,11 +180,17 @@ def users_main(argv: Sequence[str], *, stdin: Any = None, env: Mapping[str, str]
         )
         say(f"wrote {len(accounts)} accounts to {ns.password_file} (mode 600) and their rules "
             f"to {ns.acl_file}; in mosquitto.conf:")
-        say("  allow_anonymous " + ("true" if settings["allow_anonymous"] else "false"))
-        say(f"  password_file {Path(ns.password_file).resolve()}")
-        say(f"  acl_file {Path(ns.acl_file).resolve()}")
+        for line in mosquitto_conf(
+            Path(ns.password_file).resolve(), Path(ns.acl_file).resolve(),
+            allow_anonymous=bool(settings["allow_anonymous"]),
+        ).splitlines():
+            say(f"  {line}")
         say("The files must be readable by the user Mosquitto runs as (chown mosquitto); "
             "reload with SIGHUP after exporting again.")
+        say("Client ids: Mosquitto lets any account take a client id in use and closes its "
+            "holder's connection (the hub's too); the files cannot stop it. To stop it, at "
+            "one connection per account: use_username_as_clientid true on the devices' "
+            "listener and a loopback listener for the hub (README: 'Mosquitto and client ids').")
         return 0
     except (UsageError, CredentialsError, InvalidId, OSError) as exc:
         print(f"presence-hub users: {exc}", file=sys.stderr)
