@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from hub.stores.base import ActivityLimits, Store, StoreError, select_activity
+from hub.stores.base import ActivityLimits, Store, StoreError, StoreErrorLog, select_activity
 from hub.stores.memory import MemoryStore
 
-__all__ = ["STORE_KINDS", "ActivityLimits", "MemoryStore", "Store", "StoreError", "StoreKind",
-           "open_store", "select_activity"]
+__all__ = ["STORE_KINDS", "ActivityLimits", "MemoryStore", "Store", "StoreError",
+           "StoreErrorLog", "StoreKind", "open_store", "select_activity"]
 
 
 StoreKind = Literal["memory", "tinydb", "redis"]
