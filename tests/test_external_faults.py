@@ -28,7 +28,17 @@ from typing import Any
 import pytest
 
 from hub.app.factory import create_presence_service
-from hub.mqtt.client import FAST_RETRY_S, FIGHT_MIN_S
+from hub.mqtt import external
+from hub.mqtt.client import (
+    FAST_RETRY_S,
+    FIGHT_MIN_S,
+    PUBACK,
+    HubMqttClient,
+    Received,
+    _Connection,
+    encode_ack,
+    encode_publish,
+)
 from hub.protocol import ActivityPayload
 from tests.support.hub_process import HubProcess
 from tests.support.mqtt_clients import MqttClient, SimDevice, Watcher
@@ -148,6 +158,23 @@ def channels_logged(world: World, user: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- defect 1
+
+
+def test_messages_behind_the_connack_in_one_read_belong_to_the_new_connection() -> None:
+    """The mechanism of defect 1, without a broker: a CONNACK and a PUBLISH in one read. The
+    PUBLISH is handed on with the new connection's generation, so its ack is sent."""
+
+    async def run() -> None:
+        got: list[tuple[int, list[Received]]] = []
+        client = HubMqttClient("127.0.0.1", 1, client_id="x",
+                               on_messages=lambda batch: got.append((client.generation, batch)))
+        conn = _Connection(client)
+        conn.data_received(b"\x20\x02\x01\x00" + encode_publish("t/a", b"queued", 1, False, 7))
+        assert got == [(1, [("t/a", b"queued", 7, 1)])]
+        client.ack(7, 1, got[0][0])
+        assert bytes(conn.out).endswith(encode_ack(PUBACK, 7))
+
+    asyncio.run(run())
 
 
 def test_hub_restart_with_a_backlog_applies_and_acks_all_of_it(world: World) -> None:
@@ -331,3 +358,34 @@ def test_two_hubs_on_one_session_stop_fighting_and_the_survivor_hears(world: Wor
         delays = [float(d) for d in re.findall(
             r"closed the hub's connection again .*retrying in ([0-9.]+) s", after)]
         assert all(d >= FIGHT_MIN_S / 2 for d in delays), delays
+
+
+async def test_a_hub_that_could_not_check_at_start_waits_while_another_is_active(
+    mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hub that starts while the broker is down cannot ask at once whether another hub is
+    active; it starts anyway and asks before its first connection. While the answer is
+    ``online`` it waits instead of taking the session over, and connects once it is not.
+    In this process, so the start-up wait can be short and the log read."""
+    caplog.set_level(logging.INFO, logger="hub.mqtt")
+
+    def set_status(status: bytes) -> None:
+        other = MqttClient(mosquitto.host, mosquitto.port).connect()
+        other.publish(HUB_STATUS, status, retain=True)
+        other.disconnect()
+
+    await asyncio.to_thread(set_status, b"online")  # as an active hub leaves it
+    await asyncio.to_thread(mosquitto.stop)  # saved, and restored at the next start
+    monkeypatch.setattr(external, "START_WAIT_S", 0.5)
+    presence = create_presence_service(broker=mosquitto.url, storage="memory")
+    async with presence:
+        assert "cannot ask the MQTT broker" in caplog.text
+        await asyncio.to_thread(mosquitto.start)
+        await async_wait_for(lambda: "this hub waits and asks again" in caplog.text,
+                             timeout=10, what="the hub waiting for the other one")
+        assert " as presence-hub (" not in mosquitto.log_text()  # never took the session
+        await asyncio.to_thread(set_status, b"offline")  # the other hub's will
+        await async_wait_for(lambda: "hub connected to" in caplog.text, timeout=30,
+                             what="the hub connecting once the other one is gone")
+    assert " as presence-hub (" in mosquitto.log_text()
