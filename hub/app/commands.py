@@ -31,6 +31,11 @@ HELP = """\
 /presence sync                 republish your state and show which devices have it"""
 
 STATUS_WORDS = ("online", "away", "dnd", "offline")
+#: commands that change state, answered only after the change is persisted
+CHANGING_VERBS = frozenset({*STATUS_WORDS, "status", "devices", "sync"})
+#: how long a command waits for its change to reach the store before it says it could not
+#: (the ``presence`` command waits 5 s for any reply)
+DURABLE_WAIT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +84,15 @@ async def run_command(presence: PresenceService, user_id: str, text: str) -> Com
     if words and words[0] in ("/presence", "presence"):
         words = words[1:]
     try:
-        return await _dispatch(presence, user_id, words)
+        result = await _dispatch(presence, user_id, words)
     except (CommandError, PresenceError) as exc:
         return CommandResult(False, str(exc))
+    # answer only once the change is persisted: an "ok" must survive a SIGKILL
+    if result.ok and words and words[0].lower() in CHANGING_VERBS and not await presence.durable(
+            within=DURABLE_WAIT_S):
+        return CommandResult(False, "applied, but not saved yet: the hub cannot write to its "
+                             "store; it will be saved once the store is back", result.data)
+    return result
 
 
 async def _dispatch(presence: PresenceService, user_id: str, words: list[str]) -> CommandResult:

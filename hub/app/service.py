@@ -152,6 +152,8 @@ class PresenceService:
         self._resources: list[Resource] = []  # owned, started after load, stopped first
         self._link_down = False
         self._flush_requested = False
+        #: callers of durable() waiting for the next flush that starts after their call
+        self._durable_waiters: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -323,38 +325,71 @@ class PresenceService:
             effects = self.engine.tick(self._now())
         self._apply(effects)
 
+    async def durable(self, within: float | None = None) -> bool:
+        """Return True once everything applied before this call is in the store.
+
+        A chat command answers only after its change is persisted (a SIGKILL right after an
+        ``ok`` must not lose it). The caller rides on the clock task's next flush (asked for
+        at once), so many commands share one store write. False when ``timeout`` seconds pass
+        first (``within`` seconds: the store is failing): the change stays applied and is
+        written when the store is back.
+        """
+        if not self._started or self._runner is None:
+            await self.flush()
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waiters.append(waiter)
+        self.request_flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), within)
+            return True
+        except TimeoutError:
+            return False
+
     async def flush(self) -> None:
         """Write dirty users and new activity to the store, then tell sinks it is durable."""
         async with self._flush_lock:
-            for sink in list(self._sinks):
-                sink.before_flush()
-            batch = self._unsaved
-            for rec in self.engine.take_dirty(getattr(self.store, "keeps_users", True)):
-                batch[rec.id] = rec  # a newer record of the same user wins
-            self._unsaved = {}
-            records = list(batch.values())
-            pending, self._pending_activity = self._pending_activity, {}
+            waiters, self._durable_waiters = self._durable_waiters, []
             try:
-                # activity first, users last: a store that buffers activity (TinyDB) writes it
-                # with the users' batch, so a flush period costs one file write
-                now = self.clock.wall()  # activity ages are wall-clock labels
-                for user_id, entries in pending.items():
-                    await self.store.append_activity(user_id, entries, now)
-                if records:
-                    await self.store.save_users(records)
-                await self.store.flush()
+                await self._flush_locked()
             except BaseException:
-                # keep the batch for the next flush rather than lose it
-                for rec in records:
-                    self._unsaved.setdefault(rec.id, rec)
-                for user_id, entries in pending.items():
-                    self._pending_activity.setdefault(user_id, [])[:0] = entries
+                self._durable_waiters[:0] = waiters  # durable with the next flush that works
                 raise
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         for sink in list(self._sinks):
             try:
                 sink.after_flush()
             except Exception:
                 log.exception("sink after_flush failed")
+
+    async def _flush_locked(self) -> None:
+        """One flush under the lock: the batch is kept for the next one if it fails."""
+        for sink in list(self._sinks):
+            sink.before_flush()
+        batch = self._unsaved
+        for rec in self.engine.take_dirty(getattr(self.store, "keeps_users", True)):
+            batch[rec.id] = rec  # a newer record of the same user wins
+        self._unsaved = {}
+        records = list(batch.values())
+        pending, self._pending_activity = self._pending_activity, {}
+        try:
+            # activity first, users last: a store that buffers activity (TinyDB) writes it
+            # with the users' batch, so a flush period costs one file write
+            now = self.clock.wall()  # activity ages are wall-clock labels
+            for user_id, entries in pending.items():
+                await self.store.append_activity(user_id, entries, now)
+            if records:
+                await self.store.save_users(records)
+            await self.store.flush()
+        except BaseException:
+            # keep the batch for the next flush rather than lose it
+            for rec in records:
+                self._unsaved.setdefault(rec.id, rec)
+            for user_id, entries in pending.items():
+                self._pending_activity.setdefault(user_id, [])[:0] = entries
+            raise
 
     # ------------------------------------------------------------------ effects
 
