@@ -379,3 +379,28 @@ async def test_who_pages_through_the_chat_command() -> None:
         assert last.data["next"] is None
         bad = await run_command(p, "user0", "/presence who --limit 0")
         assert not bad.ok
+
+
+async def test_the_service_follows_a_wall_clock_step_with_labels_only() -> None:
+    """The clock step through the whole service: +2 h of NTP on a Pi without a real-time
+    clock times nobody out, and the labels follow the new wall time."""
+    from hub import create_presence_service
+
+    clock = FakeClock(T0)
+    async with create_presence_service(clock=clock, heartbeat_interval_ms=1_000) as p:
+        beat = [("presence/devices/u/pi/heartbeat", b'{"session":"s1"}')]
+        p.ingest([("presence/devices/u/pi/conn", b'{"state":"online","session":"s1"}')])
+        clock.advance(1_000)
+        clock.step_wall(2 * 3_600_000)
+        p.ingest(beat)
+        await p.tick()
+        assert (await p.get_status("u")).status == "online"
+        assert (await p.get_status("u")).last_seen == clock.wall()
+        clock.step_wall(-3 * 3_600_000)  # and back, further than it came
+        clock.advance(2_000)
+        p.ingest(beat)
+        await p.tick()
+        assert (await p.get_status("u")).status == "online"
+        clock.advance(2_500)  # silence for a heartbeat timeout: gone, whatever the wall says
+        await p.tick()
+        assert (await p.get_status("u")).status == "offline"

@@ -67,6 +67,8 @@ TICK_SLICE = 1000
 #: how long a flush may wait for a mass expiry to finish: a store write (a thread serializing
 #: every changed user) competes with the slices for the interpreter
 STORM_FLUSH_DELAY_MS = 2000
+#: how far the wall clock must move against the timer clock before labels follow it
+WALL_STEP_MS = 1000
 #: the shortest real-time sleep of the clock task between steps (see PresenceService._run)
 CLOCK_STEP_MS = 10
 
@@ -152,6 +154,7 @@ class PresenceService:
         self._resources: list[Resource] = []  # owned, started after load, stopped first
         self._link_down = False
         self._flush_requested = False
+        self._wall_offset = 0
         #: callers of durable() waiting for the next flush that starts after their call
         self._durable_waiters: list[asyncio.Future[None]] = []
 
@@ -301,7 +304,13 @@ class PresenceService:
         (one subtraction: the engine labels times with wall-clock ms, and a step of the wall
         clock moves only the labels, never a timer)."""
         now = self.clock.now()
-        self.engine.set_wall_offset(self.clock.wall() - now)
+        offset = self.clock.wall() - now
+        if abs(offset - self._wall_offset) > WALL_STEP_MS:
+            # a step (or a slew that added up): labels follow it; the jitter of reading two
+            # clocks (a millisecond either way) must not change a label, or an unchanged
+            # state would read differently from one call to the next
+            self._wall_offset = offset
+            self.engine.set_wall_offset(offset)
         return now
 
     def _poke(self) -> None:

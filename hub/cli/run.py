@@ -43,7 +43,7 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
     if tls_url is not None:
         lines.append(f"  TLS:          {tls_url}")
     url = f"mqtt://{host}:{port}"
-    if access is not None and access.startswith("authentication on"):
+    if access is not None and access.startswith(("authentication on", "enforced by the external")):
         login = "PRESENCE_BROKER_USERNAME=alice/laptop PRESENCE_BROKER_PASSWORD=..."
         lines += [
             f"  watch:        mosquitto_sub -h {host} -p {port} -u WATCHER -P PASSWORD "
@@ -116,12 +116,26 @@ class CounterReport:
 async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly."""
     from hub.app.factory import attach_broker, create_presence_service
+    from hub.auth import CredentialStore
+    from hub.broker import BrokerError
     from hub.mqtt import EmbeddedTransport, broker_answers, parse_listen
 
     broker = settings["broker"]
     host, port = parse_listen(settings["listen"])
+    accounts = len(CredentialStore(settings["credentials"])) if settings["credentials"] else 0
     if broker == "auto":
         if broker_answers(host, port):
+            if accounts:
+                # the accounts the user made would silently not apply: anyone could use that
+                # broker, so do not pick it without being told to
+                raise BrokerError(
+                    f"{accounts} account(s) are configured ({settings['credentials']}), but "
+                    f"--broker auto found a broker already listening on {host}:{port}, which "
+                    "does not know them (anyone who reaches it can read and set presence). "
+                    "Serve the accounts with the embedded broker on a free address "
+                    "(--broker embedded --listen 127.0.0.1:PORT), or give that broker the same "
+                    "rules ('presence-hub users export-mosquitto') and name it with "
+                    f"--broker mqtt://USER:PASS@{host}:{port}")
             broker = f"mqtt://{host}:{port}"
             desc = f"using the broker already listening on {host}:{port}"
         else:
@@ -138,10 +152,14 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
         log.warning("--tls-* and --allow-anonymous apply to the embedded broker only; the "
                     "external broker has its own (see 'presence-hub users export-mosquitto')")
     store = None
+    if broker != "embedded" and accounts:
+        log.warning("%d account(s) in %s apply to the embedded broker only: on %s the broker, "
+                    "not the hub, decides who may read and publish. Give it the same rules "
+                    "with 'presence-hub users export-mosquitto'.", accounts,
+                    settings["credentials"], desc)
     if broker == "embedded":
         # Refuse an open broker on a public address before anything is opened or started.
-        from hub.auth import AccessPolicy, CredentialStore, listen_policy_error
-        from hub.broker import BrokerError
+        from hub.auth import AccessPolicy, listen_policy_error
 
         store = CredentialStore(settings["credentials"])
         policy = AccessPolicy(settings["prefix"], store, settings["allow_anonymous"])
@@ -191,6 +209,9 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
         embedded = transport.broker if isinstance(transport, EmbeddedTransport) else None
         access = embedded.policy.describe() if embedded is not None else None
         tls_url = embedded.tls_url if embedded is not None else None
+        if embedded is None and accounts:
+            access = (f"enforced by the external broker, not the hub ({accounts} account(s) "
+                      "here apply only once exported: presence-hub users export-mosquitto)")
         banner = _banner(settings, desc, broker, access, tls_url)
         print(banner, flush=True)
         if ready is not None:
