@@ -19,7 +19,7 @@ ours, with log lines a person can follow.
 Client ids. Every connection gets a new session id and, by default, the client id
 ``presence-agent/{user}/{device}/{session}``: a reconnect is a new client, never a takeover of
 the old one (a takeover makes the broker publish the old connection's will just before the new
-birth).
+birth). The birth announces the heartbeat interval and the user's idle time.
 
 Delivery of activity: ``record_activity`` appends to the :class:`~device_agent.outbox.Outbox`
 (fsynced) and wakes the supervisor; the supervisor publishes rows in order (at most
@@ -580,7 +580,9 @@ class PresenceAgent:
             self._client = client
         log.info("connected to %s (session %s)", config.broker, session)
 
-        birth = ConnPayload(state="online", session=session, name=config.name, ts=now_ms())
+        idle = self._idle_ms()
+        birth = ConnPayload(state="online", session=session, name=config.name, ts=now_ms(),
+                            heartbeat_ms=config.heartbeat_interval_ms, idle_ms=idle)
         client.publish(self._conn_topic, birth.to_json(), qos=1, retain=True)
         result, sub_mid = client.subscribe(
             [(self.topics.user_filter(config.user), 1), (self._reply_topic, 1)]
@@ -668,8 +670,12 @@ class PresenceAgent:
         self._outbox.remove(rows)
         self.stats["delivered"] += len(rows)
 
+    def _idle_ms(self) -> int | None:
+        """The user's idle time now, or None where the idle source cannot tell."""
+        return self._idle_source.idle_ms() if self._idle_source is not None else None
+
     def _heartbeat(self, client: mqtt.Client, topic: str, session: str, seq: int) -> None:
-        idle = self._idle_source.idle_ms() if self._idle_source is not None else None
+        idle = self._idle_ms()
         beat = HeartbeatPayload(session=session, seq=seq, ts=now_ms(), idle_ms=idle)
         client.publish(topic, beat.to_json(), qos=0)
         self.stats["heartbeats"] += 1

@@ -38,10 +38,12 @@ from hub.protocol import (
     BrokerURL,
     InvalidId,
     InvalidURL,
+    format_duration_ms,
     parse_duration_ms,
     validate_id,
     validate_prefix,
 )
+from hub.protocol.payloads import MAX_ANNOUNCED_MS
 
 from .errors import ConfigError
 
@@ -360,6 +362,11 @@ def _build(
     heartbeat = conv.duration("heartbeat_interval", 30_000)
     if heartbeat < 10:
         raise ConfigError(f"heartbeat_interval must be at least 10ms ({conv.where('heartbeat_interval')})")
+    if heartbeat > MAX_ANNOUNCED_MS:  # the birth announces it; the hub accepts up to a week
+        raise ConfigError(
+            f"heartbeat_interval must be at most {format_duration_ms(MAX_ANNOUNCED_MS)}"
+            f" ({conv.where('heartbeat_interval')})"
+        )
     keepalive_ms = conv.duration("keepalive", 60_000)
     if keepalive_ms < 1_000:
         raise ConfigError(f"keepalive must be at least 1s ({conv.where('keepalive')})")

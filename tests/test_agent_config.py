@@ -84,6 +84,7 @@ state_file = ""
         ({"prefix": "presence/#"}, {}, "invalid prefix"),
         ({"heartbeat_interval": "often"}, {}, "invalid duration 'often'.*--heartbeat-interval"),
         ({"heartbeat_interval": "1ms"}, {}, "at least 10ms"),
+        ({"heartbeat_interval": "8d"}, {}, "at most 7d.*--heartbeat-interval"),
         ({"client_id": "panel-{sesion}"}, {}, r"unknown placeholder\(s\) \{sesion\}.*--client-id"),
         ({"broker": "hub.lan:1883"}, {}, "invalid broker URL"),
         ({"broker": "ws://hub.lan"}, {}, "unsupported broker URL scheme 'ws'"),
