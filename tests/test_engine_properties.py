@@ -261,6 +261,12 @@ class Model:
                 self.connect(d, ev.session, now, ev.name)
             self.refresh(u, now)
         elif isinstance(ev, DeviceOffline):
+            if ev.user not in self.users:  # unknown user: published offline (stale retained)
+                u = self.user(ev.user)
+                d = self.device(u, ev.device, virtual=False)
+                d.session, d.ended = ev.session, True
+                self.refresh(u, now)
+                return True
             u = self.users.get(ev.user)  # type: ignore[assignment]
             d = u.devices.get(ev.device) if u else None  # type: ignore[assignment]
             if d is not None and d.session == ev.session and not d.ended:
@@ -491,7 +497,9 @@ def check_state(engine: Engine, model: Model, statuses: dict[str, str], now: int
         # 6: device statuses from their own fields at now (every due deadline has fired)
         u = engine._users[uid]
         for d in u.devices.values():
-            if not (d.connected or d.virtual) or d.last_interaction is None:
+            if d.hold_until is not None and now < d.hold_until and (d.connected or d.virtual):
+                want = d.status  # held (link outage, restart): its timers wait to hear it
+            elif not (d.connected or d.virtual) or d.last_interaction is None:
                 want = "offline"
             else:
                 idle = now - d.last_interaction

@@ -404,3 +404,13 @@ async def test_the_service_follows_a_wall_clock_step_with_labels_only() -> None:
         clock.advance(2_500)  # silence for a heartbeat timeout: gone, whatever the wall says
         await p.tick()
         assert (await p.get_status("u")).status == "offline"
+
+
+def test_an_offline_of_an_unknown_user_publishes_them_offline(engine: Engine) -> None:
+    """storage=memory forgets users at a restart, while the broker keeps their retained
+    'online': the first word about them (a will) corrects it."""
+    fx = engine.handle(DeviceOffline("u", "phone", "s1", "lost"), T0)
+    (pub,) = publishes(fx)
+    assert (pub.state.status, pub.state.devices[0].status) == ("offline", "offline")
+    engine.handle(Heartbeat("u", "phone", "s1"), T0 + 1_000)  # its session is over
+    assert device(engine, "phone") == "offline"

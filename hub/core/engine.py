@@ -623,7 +623,16 @@ class Engine:
 
     def _device_offline(self, ev: DeviceOffline, now: int) -> None:
         user = self._users.get(ev.user)
-        d = user.devices.get(ev.device) if user else None
+        if user is None:
+            # a user this hub does not know (storage=memory after a restart): the broker may
+            # still hold an old retained "online" for them, so say what is true: offline
+            d = self._device_for(ev.user, ev.device, now, virtual=False)
+            if d is not None:
+                d.session = ev.session
+                d.ended = True
+                self._refresh_user(d.user, now)
+            return
+        d = user.devices.get(ev.device)
         if d is None or d.session != ev.session or d.ended:
             self.counters["stale_session"] += 1
             log.debug("ignored offline of %s/%s: session %s is not current",
