@@ -19,7 +19,9 @@ ours, with log lines a person can follow.
 Client ids. Every connection gets a new session id and, by default, the client id
 ``presence-agent/{user}/{device}/{session}``: a reconnect is a new client, never a takeover of
 the old one (a takeover makes the broker publish the old connection's will just before the new
-birth). The birth announces the heartbeat interval and the user's idle time.
+birth). The birth announces the heartbeat interval and the user's idle time. The agent also
+reads its own ``conn`` topic: a birth of a session that is not this device's means a second
+agent runs for the same device, and it says so once (:meth:`PresenceAgent._on_conn`).
 
 Delivery of activity: ``record_activity`` appends to the :class:`~device_agent.outbox.Outbox`
 (fsynced) and wakes the supervisor; the supervisor publishes rows in order (at most
@@ -36,6 +38,7 @@ import os
 import queue
 import random
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -86,6 +89,10 @@ OUTBOX_POLL_S: Final = 0.25
 CONNACK_TIMEOUT_S: Final = 10.0
 #: How long a clean stop waits for the broker to acknowledge the offline message.
 OFFLINE_ACK_TIMEOUT_S: Final = 2.0
+#: How long after connecting the agent expects its own birth back on its conn topic. A broker
+#: whose ACL lets a device publish but not read its conn topic grants the subscription and
+#: then delivers nothing (Mosquitto), so the missing echo is the only sign.
+CONN_ECHO_TIMEOUT_S: Final = 10.0
 
 #: Outbox kinds the agent knows how to deliver.
 OUTBOX_KINDS: Final = ("activity", "set")
@@ -225,6 +232,14 @@ class PresenceAgent:
         self._pending: dict[str, _Pending] = {}
 
         self._state: UserStatePayload | None = None
+        #: Every session id this device's agents used lately (this one's and, from the
+        #: outbox, its predecessors'): a birth of one of them on our conn topic is our own.
+        self._own_sessions: set[str] = set(self._outbox.recent_sessions())
+        #: The first other live session seen for this device (warned about once).
+        self.rival_session: str | None = None
+        self._conn_watch_refused = False
+        self._conn_echo = False  # our own birth came back on the conn topic
+
         #: Set when the agent stopped trying (bad credentials, retries exhausted).
         self.error: GaveUp | None = None
         #: Counters for people and tests: delivered outbox rows, dropped incoming messages...
@@ -234,6 +249,8 @@ class PresenceAgent:
             "heartbeats": 0,
             "acks": 0,
             "dropped": 0,
+            "conn_seen": 0,  # messages on this device's own conn topic
+            "rivals": 0,  # of them, births of sessions that are not this device's
         }
 
     # -- public API -----------------------------------------------------------------------------
@@ -391,7 +408,8 @@ class PresenceAgent:
 
     def _acquire_lock(self) -> None:
         """One agent per user/device and outbox: two would share the outbox, and two live
-        sessions of one device make its presence flap."""
+        sessions of one device make its presence flap (see :meth:`_on_conn` for two agents
+        on different machines, which no lock file can see)."""
         path = self.config.outbox_path.with_name(self.config.outbox_path.name + ".lock")
         try:
             import fcntl
@@ -482,6 +500,7 @@ class PresenceAgent:
         self._generation += 1
         generation = self._generation
         session = new_session_id()
+        self._remember_session(session)
         client_id = config.client_id_for(session)
         client = make_client(config, client_id)
         will = ConnPayload(state="offline", session=session, reason="lost").to_json()
@@ -506,6 +525,13 @@ class PresenceAgent:
             with contextlib.suppress(Exception):
                 client.disconnect()
             client.loop_stop()
+
+    def _remember_session(self, session: str) -> None:
+        self._own_sessions.add(session)
+        try:
+            self._outbox.remember_session(session)
+        except sqlite3.Error as exc:  # only a restarted agent's warning depends on it
+            log.warning("cannot note session %s in %s: %s", session, self._outbox.path, exc)
 
     def _install_callbacks(self, client: mqtt.Client, generation: int) -> None:
         put = self._events.put
@@ -580,6 +606,11 @@ class PresenceAgent:
             self._client = client
         log.info("connected to %s (session %s)", config.broker, session)
 
+        # Our own conn topic first: the broker answers with the conn retained *before* our
+        # birth, so a live birth of another session (a second agent for this device) shows,
+        # and later births of other sessions arrive live (see _on_conn).
+        self._conn_echo = False
+        conn_result, conn_mid = client.subscribe(self._conn_topic, 1)
         idle = self._idle_ms()
         birth = ConnPayload(state="online", session=session, name=config.name, ts=now_ms(),
                             heartbeat_ms=config.heartbeat_interval_ms, idle_ms=idle)
@@ -587,7 +618,7 @@ class PresenceAgent:
         result, sub_mid = client.subscribe(
             [(self.topics.user_filter(config.user), 1), (self._reply_topic, 1)]
         )
-        if result != mqtt.MQTT_ERR_SUCCESS:
+        if result != mqtt.MQTT_ERR_SUCCESS or conn_result != mqtt.MQTT_ERR_SUCCESS:
             raise _ConnectionEnded("lost", "subscribe failed")
         self._write_connection(True, session)
 
@@ -597,6 +628,7 @@ class PresenceAgent:
         heartbeat_topic = self.topics.device(config.user, config.device, "heartbeat")
         next_heartbeat = time.monotonic()
         next_poll = time.monotonic() + OUTBOX_POLL_S
+        echo_due: float | None = time.monotonic() + CONN_ECHO_TIMEOUT_S
 
         def pump() -> None:
             nonlocal cursor
@@ -626,6 +658,10 @@ class PresenceAgent:
                 next_poll = now + OUTBOX_POLL_S
                 if self._outbox.changed_by_others():
                     pump()
+            if echo_due is not None and now >= echo_due:
+                echo_due = None
+                if not self._conn_echo:
+                    self._conn_watch_failed()
 
             wait = max(0.0, min(next_heartbeat, next_poll) - time.monotonic())
             first = self._next_event(generation, wait)
@@ -648,6 +684,9 @@ class PresenceAgent:
                         log.warning("the broker at %s refused a subscription (check its ACL):"
                                     " no user state or replies will arrive", config.broker)
                     self._ready.set()
+                elif event.kind == "suback" and event.value[0] == conn_mid:
+                    if any(is_failure(code) for code in event.value[1]):
+                        self._conn_watch_failed()
                 elif event.kind == "wake":
                     outbox_touched = True
                 elif event.kind == "stop":
@@ -669,6 +708,13 @@ class PresenceAgent:
     def _delivered(self, rows: list[int]) -> None:
         self._outbox.remove(rows)
         self.stats["delivered"] += len(rows)
+
+    def _conn_watch_failed(self) -> None:
+        if not self._conn_watch_refused:
+            self._conn_watch_refused = True
+            log.info("the broker at %s does not let this device read its own conn topic %s"
+                     " (its ACL): a second agent for %s/%s would go unnoticed",
+                     self.config.broker, self._conn_topic, self.config.user, self.config.device)
 
     def _idle_ms(self) -> int | None:
         """The user's idle time now, or None where the idle source cannot tell."""
@@ -731,8 +777,48 @@ class PresenceAgent:
             self._on_reply(bytes(message.payload))
         elif topic == self._state_topic:
             self._on_state(client, bytes(message.payload))
+        elif topic == self._conn_topic:
+            self._on_conn(bytes(message.payload))
         # status/custom/primary repeat what the state carries; the versioned state is the
         # single source for callbacks, so the plain-text topics are not used here.
+
+    def _on_conn(self, payload: bytes) -> None:
+        """Our own conn topic: a birth of a session that is not this device's is a second agent.
+
+        Two agents for one user and device (say, the same config on two machines, where no
+        lock file can see the other) each announce a session; the hub follows whichever was
+        born last, so the device's presence flaps with every reconnect. That is a setup
+        mistake only a person can fix, so say it once, naming the other session; its name
+        (the host name by default) and birth time tell which machine it is. Offline, will
+        and sleeping messages of other sessions are no sign of a live agent.
+        """
+        self.stats["conn_seen"] += 1
+        if not payload:  # the retained conn was cleared (the device was removed)
+            return
+        try:
+            conn = ConnPayload.model_validate_json(payload)
+        except ValidationError as exc:
+            self.stats["dropped"] += 1
+            log.debug("ignoring a malformed conn message: %s", _first_error(exc))
+            return
+        if conn.session == self._session:
+            self._conn_echo = True
+        if conn.state != "online" or conn.session in self._own_sessions:
+            return
+        self.stats["rivals"] += 1
+        if self.rival_session is not None:
+            log.debug("another birth for this device: session %s", conn.session)
+            return
+        self.rival_session = conn.session
+        born = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(conn.ts / 1000)) \
+            if conn.ts is not None else "at an unknown time"
+        log.warning(
+            "another agent is running as %s/%s: session %s (name %r, born %s; this agent is"
+            " session %s). Two agents for one device make its presence flap: stop one, or"
+            " give each its own device id",
+            self.config.user, self.config.device, conn.session, conn.name or "?", born,
+            self._session or "?",
+        )
 
     def _on_reply(self, payload: bytes) -> None:
         try:

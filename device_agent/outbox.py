@@ -32,6 +32,9 @@ from typing import Self
 
 from .errors import ConfigError
 
+#: How many of the device's last session ids the outbox remembers (see ``remember_session``).
+RECENT_SESSIONS = 16
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -142,6 +145,38 @@ class Outbox:
             left = self._db.execute("SELECT EXISTS (SELECT 1 FROM outbox)").fetchone()[0]
             if not left:
                 self._db.execute("PRAGMA incremental_vacuum").fetchall()
+
+    # -- the device's recent sessions -------------------------------------------------------
+    def remember_session(self, session: str, keep: int = RECENT_SESSIONS) -> None:
+        """Note a session id this device's agent is about to use (the last ``keep`` stay).
+
+        Why here: an agent restarted after a crash must know its predecessor's session. The
+        broker may still hold the dead connection's retained birth until it notices the loss
+        (up to 1.5 x keepalive), and that birth is not "another agent" but this device's own
+        past. The outbox is the one file every agent of this user and device has.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'recent_sessions'").fetchone()
+                recent = [s for s in (str(row[0]).split(",") if row else []) if s and s != session]
+                recent = [*recent, session][-keep:]
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('recent_sessions', ?)",
+                    (",".join(recent),),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def recent_sessions(self) -> list[str]:
+        """The sessions :meth:`remember_session` noted, oldest first."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'recent_sessions'").fetchone()
+        return [s for s in str(row[0]).split(",") if s] if row else []
 
     # -- reading ------------------------------------------------------------------------------
     def pending(self, after: int = 0, limit: int = 100) -> list[OutboxEntry]:

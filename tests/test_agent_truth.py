@@ -1,7 +1,8 @@
 """The agent's part of presence that tells the truth (issue 12), against a real Mosquitto.
 
 * every connection has a client id of its own, so a reconnect is never a takeover;
-* the birth announces the device's heartbeat interval and its user's idle time.
+* the birth announces the device's heartbeat interval and its user's idle time;
+* a second agent for the same device is named in one clear warning, not left to flap.
 
 What the agent did is read from a raw paho watcher and from Mosquitto's own log, never from
 the agent's opinion of itself.
@@ -10,12 +11,15 @@ the agent's opinion of itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import PresenceAgent
+from device_agent import agent as agent_module
 from hub.protocol import ConnPayload
 from tests.support.procs import MosquittoProcess
 from tests.support.wait import wait_for
@@ -31,6 +35,7 @@ from tests.test_agent_helpers import (
 pytestmark = pytest.mark.slow
 
 CONN_TOPIC = f"presence/devices/{USER}/{DEVICE}/conn"
+RIVAL_WARNING = "another agent is running as alice/laptop"
 
 
 @pytest.fixture
@@ -45,6 +50,11 @@ def proxy(mosquitto: MosquittoProcess) -> Iterator[TcpProxy]:
     p = TcpProxy(mosquitto.host, mosquitto.port)
     yield p
     p.close()
+
+
+def rival_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "device_agent" and RIVAL_WARNING in r.getMessage()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,3 +129,110 @@ def test_birth_announces_the_heartbeat_interval_and_the_idle_time(
         pi_birth = watcher.wait(lambda: [b for b in watcher.births() if b["session"] == pi],
                                 "birth of the device without an idle source")[0]
     assert pi_birth["heartbeatMs"] == 600_000 and "idleMs" not in pi_birth
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Two agents for one device
+
+
+def test_two_agents_for_one_device_each_warn_once_naming_the_other(
+    mosquitto: MosquittoProcess, watcher: Watcher, proxy: TcpProxy, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same user/device on two machines: separate outboxes, so no lock file sees it."""
+    caplog.set_level(logging.INFO, logger="device_agent")
+    first = PresenceAgent(agent_config(tmp_path / "one", proxy.url))
+    second = PresenceAgent(agent_config(tmp_path / "two", proxy.url, name="Spare laptop"))
+    try:
+        first.start()
+        assert first.wait_connected(5)
+        first_session = first.session
+        second.start()
+        assert second.wait_connected(5)
+        second_session = second.session
+        # The second sees the first's retained birth; the first sees the second's live one.
+        wait_for(lambda: first.rival_session == second_session, what="the first notices")
+        wait_for(lambda: second.rival_session == first_session, what="the second notices")
+
+        # Both reconnect (new sessions, new births): each sees the other again, warns no more.
+        proxy.cut()
+        wait_for(lambda: first.stats["rivals"] >= 2 and second.stats["rivals"] >= 2,
+                 what="each agent sees the other's next birth")
+        assert first.connected or first.wait_connected(5)
+        assert second.connected or second.wait_connected(5)
+        assert first.error is None and second.error is None
+    finally:
+        first.close()
+        second.close()
+
+    warnings = rival_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    by_first = next(w for w in warnings if f"session {second_session} " in w)
+    by_second = next(w for w in warnings if f"session {first_session} " in w)
+    assert "Spare laptop" in by_first and "Alice's laptop" in by_second, "names the machine"
+    assert "make its presence flap: stop one" in by_first
+    assert all(r.levelno == logging.WARNING for r in caplog.records
+               if RIVAL_WARNING in r.getMessage())
+
+
+def test_a_restarted_agent_does_not_take_its_predecessors_birth_for_another_agent(
+    mosquitto: MosquittoProcess, watcher: Watcher, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a crash the broker keeps the dead connection's birth retained until its keepalive
+    runs out. The outbox remembers the device's sessions, so the next agent knows it."""
+    caplog.set_level(logging.INFO, logger="device_agent")
+    config = agent_config(tmp_path / "here", mosquitto.url)
+    with PresenceAgent(config) as crashed:
+        assert crashed.wait_connected(5)
+        old = crashed.session
+        assert old is not None
+    # What the broker holds after a crash it has not noticed yet: the old session's birth.
+    stale = ConnPayload(state="online", session=old, name="Alice's laptop", ts=1).to_json()
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-stale-birth")
+    publisher.connect(mosquitto.host, mosquitto.port)
+    publisher.loop_start()
+    try:
+        publisher.publish(CONN_TOPIC, stale, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+
+    with PresenceAgent(config) as restarted:
+        # The retained stale birth and then our own birth's echo have both been read.
+        wait_for(lambda: restarted.stats["conn_seen"] >= 2, what="the restarted agent reads conn")
+        assert restarted.rival_session is None
+        # An agent on another machine (its own outbox) is still told about this one.
+        with PresenceAgent(agent_config(tmp_path / "elsewhere", mosquitto.url)) as other:
+            wait_for(lambda: other.rival_session == restarted.session,
+                     what="the other machine's agent notices the restarted one")
+            wait_for(lambda: restarted.rival_session == other.session,
+                     what="and the restarted one notices the other machine's agent")
+    warnings = rival_warnings(caplog)
+    assert len(warnings) == 2 and not [w for w in warnings if old in w], warnings
+
+
+def test_a_broker_that_hides_the_conn_topic_from_the_device_is_said_once(
+    mosquitto_factory: Callable[..., MosquittoProcess], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mosquitto grants a subscription its ACL does not let the client read, then delivers
+    nothing: the agent notices that its own birth never comes back and says so, once."""
+    caplog.set_level(logging.INFO, logger="device_agent")
+    acl = tmp_path / "acl"
+    acl.write_text(f"user {USER}/{DEVICE}\n"
+                   f"topic write presence/devices/{USER}/{DEVICE}/+\n"
+                   f"topic read presence/users/{USER}/+\n"
+                   f"topic read presence/replies/{USER}/{DEVICE}\n")
+    broker = mosquitto_factory(f"acl_file {acl}\n")
+    monkeypatch.setattr(agent_module, "CONN_ECHO_TIMEOUT_S", 0.3)
+    config = agent_config(tmp_path, broker.url, broker_username=f"{USER}/{DEVICE}")
+    with PresenceAgent(config) as agent:
+        assert agent.wait_connected(5)
+        wait_for(lambda: "does not let this device read its own conn topic" in caplog.text,
+                 what="the agent to notice that it cannot watch its conn topic")
+        assert agent.connected and agent.stats["conn_seen"] == 0
+    noted = [r for r in caplog.records if "its own conn topic" in r.getMessage()]
+    assert len(noted) == 1 and noted[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        "the presence part works: nothing to warn about"
