@@ -16,12 +16,16 @@ old connection, so the only copy of undelivered activity is the on-disk outbox a
 sent twice by two mechanisms; and the backoff (with jitter), attempt counting and give-up are
 ours, with log lines a person can follow.
 
-Client ids. Every connection gets a new session id and, by default, the client id
+Client ids and sessions. Every connection gets a new session id and, by default, the client id
 ``presence-agent/{user}/{device}/{session}``: a reconnect is a new client, never a takeover of
 the old one (a takeover makes the broker publish the old connection's will just before the new
 birth). The birth announces the heartbeat interval and the user's idle time. The agent also
 reads its own ``conn`` topic: a birth of a session that is not this device's means a second
 agent runs for the same device, and it says so once (:meth:`PresenceAgent._on_conn`).
+
+Sleeping. :meth:`PresenceAgent.sleep` announces ``{"state":"sleeping","sleepMs":N}``, sends
+DISCONNECT (so the broker drops the will), waits out the sleep in the supervisor and connects
+again with a new session; the hub neither loses nor times out the device meanwhile.
 
 Delivery of activity: ``record_activity`` appends to the :class:`~device_agent.outbox.Outbox`
 (fsynced) and wakes the supervisor; the supervisor publishes rows in order (at most
@@ -63,6 +67,7 @@ from hub.protocol import (
     UserStatePayload,
     new_session_id,
 )
+from hub.protocol.payloads import MAX_ANNOUNCED_MS
 
 from .config import AgentConfig
 from .errors import AgentLocked, BrokerUnavailable, ConfigError, GaveUp, HubUnavailable
@@ -161,7 +166,7 @@ def _first_error(exc: ValidationError) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Event:
-    kind: str  # connack, disconnect, puback, suback, wake, stop
+    kind: str  # connack, disconnect, puback, suback, wake, sleep, stop
     generation: int = 0
     value: Any = None
 
@@ -170,6 +175,20 @@ class _Event:
 class _Pending:
     event: threading.Event = field(default_factory=threading.Event)
     reply: ReplyPayload | None = None
+
+
+@dataclass(slots=True)
+class _SleepRequest:
+    """One call of :meth:`PresenceAgent.sleep`, handed from the caller to the supervisor.
+
+    ``taken`` is set (under the agent's sleep lock) once the supervisor starts announcing, so
+    a caller that gives up waiting knows whether it may still withdraw the request.
+    """
+
+    ms: int
+    done: threading.Event = field(default_factory=threading.Event)
+    taken: bool = False
+    acked: bool = False
 
 
 class _ConnectionEnded(Exception):
@@ -240,6 +259,12 @@ class PresenceAgent:
         self._conn_watch_refused = False
         self._conn_echo = False  # our own birth came back on the conn topic
 
+        self._sleep_lock = threading.Lock()
+        self._sleep_request: _SleepRequest | None = None
+        self._wake_early = threading.Event()  # wake_up() or stop() ends a sleep
+        self._wake_deadline: float | None = None  # monotonic end of the current sleep
+        self._wake_at: int | None = None  # the same, in wall-clock ms for people
+
         #: Set when the agent stopped trying (bad credentials, retries exhausted).
         self.error: GaveUp | None = None
         #: Counters for people and tests: delivered outbox rows, dropped incoming messages...
@@ -251,6 +276,7 @@ class PresenceAgent:
             "dropped": 0,
             "conn_seen": 0,  # messages on this device's own conn topic
             "rivals": 0,  # of them, births of sessions that are not this device's
+            "sleeps": 0,
         }
 
     # -- public API -----------------------------------------------------------------------------
@@ -262,6 +288,16 @@ class PresenceAgent:
     def session(self) -> str | None:
         """The session id of the current connection (``None`` while disconnected)."""
         return self._session
+
+    @property
+    def sleeping(self) -> bool:
+        """True between an announced sleep and the next connection attempt."""
+        return self._wake_deadline is not None
+
+    @property
+    def wake_at(self) -> int | None:
+        """When the current sleep ends (ms since the epoch), ``None`` while awake."""
+        return self._wake_at
 
     @property
     def state(self) -> UserStatePayload | None:
@@ -292,7 +328,10 @@ class PresenceAgent:
         self._thread.start()
 
     def stop(self, reason: str = "disconnect", timeout: float = 5.0) -> None:
-        """Publish ``conn`` offline with ``reason`` (if connected), disconnect, and wait."""
+        """Publish ``conn`` offline with ``reason`` (if connected), disconnect, and wait.
+
+        While asleep nothing is published and nothing connects: the announced sleep stands.
+        """
         if self._thread is None or self._stopping.is_set():
             self._join(timeout)
             return
@@ -300,6 +339,7 @@ class PresenceAgent:
             raise ValueError("stop reason must be 1-64 characters")
         self._stop_reason = reason
         self._stopping.set()
+        self._wake_early.set()
         self._events.put(_Event("stop"))
         self._join(timeout)
 
@@ -307,6 +347,49 @@ class PresenceAgent:
         """Stop (if running) and close the outbox."""
         self.stop()
         self._outbox.close()
+
+    def sleep(self, ms: int, timeout: float = 5.0) -> bool:
+        """Announce a sleep of ``ms`` milliseconds, disconnect cleanly, and stay away that long.
+
+        For battery devices: the hub keeps the device neither lost nor timed out until
+        ``ms`` plus its heartbeat timeout have passed, where a silent disconnect would read
+        as a lost device. The agent publishes ``{"state":"sleeping","sleepMs":ms}`` on
+        ``conn`` (QoS 1, retained) once it is connected and subscribed (so the user state the
+        broker retains is acked first), waits for the broker's PUBACK, then sends DISCONNECT,
+        so no last will follows. After ``ms`` (or :meth:`wake_up`) it connects again with a
+        new session and birth. Activity recorded meanwhile waits in the outbox.
+
+        Blocks until the announcement is done; returns True if the broker acknowledged it,
+        False if it could not be sent within ``timeout`` (then nothing changes) or was not
+        acknowledged (the agent sleeps anyway). To exit while asleep, call :meth:`close`: a
+        stop during a sleep leaves the announcement standing and does not connect.
+        """
+        if self._thread is None:
+            raise RuntimeError("start the agent before sleep()")
+        if self.sleeping:
+            raise RuntimeError("the agent is asleep already: wake_up() first, or close()")
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 0 < ms <= MAX_ANNOUNCED_MS:
+            raise ValueError(f"sleep must be 1 to {MAX_ANNOUNCED_MS} ms, not {ms!r}")
+        request = _SleepRequest(ms)
+        with self._sleep_lock:
+            if self._sleep_request is not None:
+                raise RuntimeError("the agent is already going to sleep")
+            self._sleep_request = request
+            self._wake_early.clear()  # an earlier wake_up() must not cut this sleep short
+        self._events.put(_Event("sleep"))
+        if request.done.wait(timeout):
+            return request.acked
+        with self._sleep_lock:
+            if not request.taken:
+                self._sleep_request = None
+                return False
+        # The supervisor is announcing: that ends within the PUBACK deadline.
+        request.done.wait(OFFLINE_ACK_TIMEOUT_S + 1.0)
+        return request.acked
+
+    def wake_up(self) -> None:
+        """End a sleep early: connect (new session, birth) now. No effect while awake."""
+        self._wake_early.set()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until connected and subscribed (True) or ``timeout`` passed (False)."""
@@ -455,6 +538,10 @@ class PresenceAgent:
                     break
                 if outcome.outcome == "stopped" or self._stopping.is_set():
                     break
+                if outcome.outcome == "sleeping":
+                    failures = 0
+                    self._sleep_until_woken()
+                    continue
                 if outcome.outcome == "refused-permanent":
                     self._give_up(f"the broker at {broker} refused the connection: {outcome.detail}")
                     break
@@ -481,7 +568,23 @@ class PresenceAgent:
             self.error = GaveUp("the agent stopped after an internal error (see the log)")
         finally:
             self._set_disconnected()
+            with self._sleep_lock:
+                request, self._sleep_request = self._sleep_request, None
+            if request is not None:
+                request.done.set()  # never announced: sleep() answers False
             self._finished.set()
+
+    def _sleep_until_woken(self) -> None:
+        """Stay disconnected until the announced sleep is over, :meth:`wake_up` or a stop."""
+        deadline = self._wake_deadline
+        # stop() sets _stopping before _wake_early: checking it here closes the window in
+        # which a sleep() racing a stop() cleared _wake_early again.
+        if deadline is not None and not self._stopping.is_set():
+            self._wake_early.wait(max(0.0, deadline - time.monotonic()))
+        self._wake_deadline = None
+        self._wake_at = None
+        if not self._stopping.is_set():
+            log.info("awake: connecting to %s with a new session", self.config.broker)
 
     def _backoff(self, failures: int) -> float:
         """Exponential, capped, with "equal jitter" so a hub's devices do not reconnect in step."""
@@ -649,6 +752,8 @@ class PresenceAgent:
 
         pump()
         while True:
+            if self._ready.is_set() and self._sleep_request is not None:
+                self._go_to_sleep(client, generation, session, inflight)
             now = time.monotonic()
             if now >= next_heartbeat:
                 self._heartbeat(client, heartbeat_topic, session, seq)
@@ -730,11 +835,51 @@ class PresenceAgent:
         self, client: mqtt.Client, generation: int, session: str, inflight: dict[int, int]
     ) -> None:
         """Offline with the stop reason, retained; wait for its PUBACK; then DISCONNECT."""
-        self._ready.clear()
         offline = ConnPayload(
             state="offline", session=session, reason=self._stop_reason, ts=now_ms()
         )
-        info = client.publish(self._conn_topic, offline.to_json(), qos=1, retain=True)
+        if self._announce_and_disconnect(client, generation, offline, inflight):
+            log.info("stopped: %s offline (reason %s)", self.config.broker, self._stop_reason)
+        else:
+            log.warning("stopped without confirmation of the offline message from %s",
+                        self.config.broker)
+
+    def _go_to_sleep(
+        self, client: mqtt.Client, generation: int, session: str, inflight: dict[int, int]
+    ) -> None:
+        """Announce the requested sleep, disconnect cleanly, and end this connection."""
+        with self._sleep_lock:
+            request = self._sleep_request
+            if request is None:  # withdrawn by a caller that stopped waiting
+                return
+            request.taken = True
+        ms = request.ms
+        sleeping = ConnPayload(state="sleeping", session=session, sleep_ms=ms, ts=now_ms())
+        acked = self._announce_and_disconnect(client, generation, sleeping, inflight)
+        self._wake_deadline = time.monotonic() + ms / 1000
+        self._wake_at = now_ms() + ms
+        self.stats["sleeps"] += 1
+        self._set_disconnected()
+        with self._sleep_lock:
+            self._sleep_request = None
+        request.acked = acked
+        request.done.set()
+        if acked:
+            log.info("asleep for %d ms (session %s announced it); then a new session", ms, session)
+        else:
+            log.warning("asleep for %d ms, but %s did not confirm the announcement",
+                        ms, self.config.broker)
+        raise _ConnectionEnded("sleeping")
+
+    def _announce_and_disconnect(
+        self, client: mqtt.Client, generation: int, payload: ConnPayload,
+        inflight: dict[int, int],
+    ) -> bool:
+        """Publish ``payload`` on conn (retained), wait for its PUBACK (outbox PUBACKs that
+        arrive meanwhile still count), then DISCONNECT so the broker drops the last will.
+        True if the broker acknowledged ``payload``."""
+        self._ready.clear()
+        info = client.publish(self._conn_topic, payload.to_json(), qos=1, retain=True)
         deadline = time.monotonic() + OFFLINE_ACK_TIMEOUT_S
         acked = False
         delivered: list[int] = []
@@ -750,11 +895,7 @@ class PresenceAgent:
         if delivered:
             self._delivered(delivered)
         client.disconnect()
-        if acked:
-            log.info("stopped: %s offline (reason %s)", self.config.broker, self._stop_reason)
-        else:
-            log.warning("stopped without confirmation of the offline message from %s",
-                        self.config.broker)
+        return acked
 
     def _set_disconnected(self) -> None:
         self._ready.clear()

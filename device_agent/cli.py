@@ -4,6 +4,7 @@ Usage::
 
     presence-agent [OPTIONS]                      # run the agent until SIGTERM / Ctrl-C
     presence-agent [OPTIONS] activity --type message --channel telegram-123 [--data JSON]
+    presence-agent [OPTIONS] sleep --for 10m      # wake once: deliver, announce a sleep, exit
     presence-agent [OPTIONS] config               # print the effective settings
 
 Settings come from flags, then ``PRESENCE_*`` environment variables, then the TOML file
@@ -25,6 +26,14 @@ or fail because of, the network. Both commands must resolve the same ``user``, `
 ``outbox`` settings (they read the same config file and environment), and the outbox refuses
 to be shared by two different user/device pairs.
 
+A device that sleeps (a battery badge woken by a timer, a Raspberry Pi that powers down).
+``presence-agent sleep --for 10m`` is one wake cycle: connect with a new session (birth),
+deliver the outbox, ack the user state, announce ``{"state":"sleeping","sleepMs":600000}``,
+disconnect cleanly (no last will) and exit. The hub keeps the device asleep, neither lost nor
+timed out, until the sleep plus its heartbeat timeout have passed; the next run is its next
+birth. It takes the device's lock like the daemon does, so it is for devices whose agent runs
+only while they are awake.
+
 Exit status: 0 on success (and after a clean stop on SIGTERM/SIGINT, which publishes ``conn``
 offline with reason ``disconnect``), 1 when the agent gave up (for example the broker refused
 the credentials), 2 for a usage or configuration error (one line on stderr, no traceback).
@@ -38,9 +47,13 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NoReturn
+
+from hub.protocol import format_duration_ms, parse_duration_ms
+from hub.protocol.payloads import MAX_ANNOUNCED_MS
 
 from .agent import PresenceAgent, queue_activity
 from .config import KEYS, AgentConfig, load_config
@@ -95,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  presence-agent --broker mqtt://hub.lan --user alice --device laptop\n"
             "  presence-agent activity --type message --channel telegram-123\n"
+            "  presence-agent sleep --for 10m     # announce a sleep, then exit\n"
             "  PRESENCE_BROKER=mqtts://hub.lan presence-agent config\n\n"
             "'activity' only appends to the on-disk outbox: the running agent (or the next one\n"
             "to start) delivers it, so it works while the broker is down."
         ),
     )
-    sub = parser.add_subparsers(dest="subcommand", metavar="{run,activity,config}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="{run,activity,sleep,config}")
     sub.add_parser("run", parents=[common], help="run the agent (the default)",
                    description="Run the agent until SIGTERM or Ctrl-C.")
     act = sub.add_parser(
@@ -113,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--data", metavar="JSON", help="extra JSON object to attach")
     act.add_argument("--timestamp", metavar="MS", type=int,
                      help="when it happened, ms since the epoch (default now)")
+    nap = sub.add_parser(
+        "sleep", parents=[common], help="wake once: deliver, announce a sleep, and exit",
+        description="Connect (a new session and birth), deliver the outbox, announce a sleep"
+                    " of --for on conn, disconnect cleanly and exit. The hub keeps the device"
+                    " asleep until then (plus its heartbeat timeout); the next start is its"
+                    " next birth.",
+    )
+    nap.add_argument("--for", dest="sleep_for", required=True, metavar="DURATION",
+                     help="how long the device sleeps, e.g. 10m (at most 7d)")
+    nap.add_argument("--wait", dest="sleep_wait", default="30s", metavar="DURATION",
+                     help="how long to try to connect and deliver before giving up (default 30s)")
     sub.add_parser("config", parents=[common], help="print the effective settings",
                    description="Print the settings after flags, environment and file are merged.")
     return parser
@@ -181,6 +206,44 @@ def record_activity(config: AgentConfig, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(flag: str, text: str, most: int) -> int:
+    try:
+        ms = parse_duration_ms(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+    if not 0 < ms <= most:
+        raise ConfigError(f"{flag} must be more than 0 and at most {format_duration_ms(most)}")
+    return ms
+
+
+def announce_sleep(config: AgentConfig, ns: argparse.Namespace) -> int:
+    """One wake cycle of a sleeping device (see the module docstring)."""
+    sleep_ms = _duration("--for", ns.sleep_for, MAX_ANNOUNCED_MS)
+    wait_s = _duration("--wait", ns.sleep_wait, MAX_ANNOUNCED_MS) / 1000
+    deadline = time.monotonic() + wait_s
+    agent = PresenceAgent(config)
+    agent.start()
+    try:
+        if not agent.wait_connected(wait_s):
+            why = agent.error or f"not connected to {config.broker} within {ns.sleep_wait}"
+            print(f"{PROG}: {why}; nothing announced", file=sys.stderr)
+            return 1
+        # Deliver what waits in the outbox first: the device is away for a while.
+        while agent.pending_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = agent.pending_count
+        acked = agent.sleep(sleep_ms, timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        agent.close()  # asleep: no offline, no reconnect
+    if not acked:
+        print(f"{PROG}: {config.broker} did not confirm the sleep announcement", file=sys.stderr)
+        return 1
+    waiting = f"; {left} message(s) still wait in the outbox" if left else ""
+    print(f"{config.user}/{config.device} sleeps for {format_duration_ms(sleep_ms)}"
+          f" (announced to {config.broker}){waiting}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -189,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(_settings(ns))
         if ns.subcommand == "activity":
             return record_activity(config, ns)
+        if ns.subcommand == "sleep":
+            return announce_sleep(config, ns)
         if ns.subcommand == "config":
             for name, value in config.describe().items():
                 print(f"{name} = {value}")
@@ -197,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the daemon (e.g. during `sleep`): no traceback
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

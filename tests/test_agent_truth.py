@@ -2,7 +2,8 @@
 
 * every connection has a client id of its own, so a reconnect is never a takeover;
 * the birth announces the device's heartbeat interval and its user's idle time;
-* a second agent for the same device is named in one clear warning, not left to flap.
+* a second agent for the same device is named in one clear warning, not left to flap;
+* a device can announce a sleep, disconnect without a will, and wake with a new session.
 
 What the agent did is read from a raw paho watcher and from Mosquitto's own log, never from
 the agent's opinion of itself.
@@ -10,7 +11,10 @@ the agent's opinion of itself.
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agent import PresenceAgent
 from device_agent import agent as agent_module
 from hub.protocol import ConnPayload
-from tests.support.procs import MosquittoProcess
+from tests.support.procs import MosquittoProcess, free_port
 from tests.support.wait import wait_for
 from tests.test_agent_helpers import (
     DEVICE,
@@ -29,6 +33,7 @@ from tests.test_agent_helpers import (
     TcpProxy,
     Watcher,
     agent_config,
+    agent_env,
     retained,
 )
 
@@ -50,6 +55,11 @@ def proxy(mosquitto: MosquittoProcess) -> Iterator[TcpProxy]:
     p = TcpProxy(mosquitto.host, mosquitto.port)
     yield p
     p.close()
+
+
+def conn_messages(watcher: Watcher) -> list[dict[str, object]]:
+    """Every conn message as it arrived (live ones; a watcher sees the retained one once)."""
+    return [m.json() for m in watcher.snapshot() if m.topic == CONN_TOPIC and m.payload]
 
 
 def rival_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -236,3 +246,105 @@ def test_a_broker_that_hides_the_conn_topic_from_the_device_is_said_once(
     assert len(noted) == 1 and noted[0].levelno == logging.INFO
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
         "the presence part works: nothing to warn about"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Sleeping
+
+
+def test_sleep_announces_disconnects_without_a_will_and_wakes_with_a_new_session(
+    mosquitto: MosquittoProcess, watcher: Watcher, tmp_path: Path
+) -> None:
+    with PresenceAgent(agent_config(tmp_path, mosquitto.url)) as agent:
+        assert agent.wait_connected(5)
+        asleep = agent.session
+        assert agent.sleep(400) is True
+        assert agent.sleeping and not agent.connected and agent.session is None
+        assert agent.wake_at is not None
+        agent.record_activity("message", data={"n": 1})  # waits in the outbox while asleep
+        woke = watcher.wait(lambda: [b for b in watcher.births() if b["session"] != asleep],
+                            "a birth of a new session after the sleep")[0]
+        watcher.wait(lambda: [a for a in watcher.of("activity") if a["data"] == {"n": 1}],
+                     "the activity recorded while asleep, after waking")
+        assert agent.wait_connected(5) and not agent.sleeping
+        assert agent.session == woke["session"]
+
+    sleeping = [c for c in conn_messages(watcher) if c["state"] == "sleeping"]
+    assert len(sleeping) == 1
+    assert sleeping[0]["session"] == asleep and sleeping[0]["sleepMs"] == 400
+    assert isinstance(sleeping[0]["ts"], int)
+    assert ConnPayload.model_validate(sleeping[0]).state == "sleeping"
+    order = [(c["state"], c["session"]) for c in conn_messages(watcher)]
+    assert order.index(("online", asleep)) < order.index(("sleeping", asleep)) \
+        < order.index(("online", woke["session"]))
+    assert not watcher.offlines("lost"), "a clean DISCONNECT: the broker drops the will"
+    assert woke["heartbeatMs"] == 200
+
+
+def test_wake_up_ends_a_sleep_early_and_a_stop_while_asleep_leaves_it_announced(
+    mosquitto: MosquittoProcess, watcher: Watcher, tmp_path: Path
+) -> None:
+    agent = PresenceAgent(agent_config(tmp_path, mosquitto.url))
+    try:
+        agent.start()
+        assert agent.wait_connected(5)
+        first = agent.session
+        assert agent.sleep(3_600_000)
+        agent.wake_up()
+        assert agent.wait_connected(5), "woken long before the hour is over"
+        second = agent.session
+        assert second not in (None, first)
+
+        assert agent.sleep(3_600_000)
+        agent.stop()
+        assert agent.wait(5) and agent.error is None
+    finally:
+        agent.close()
+    kept = json.loads(retained(mosquitto.host, mosquitto.port, CONN_TOPIC) or b"{}")
+    assert kept["state"] == "sleeping" and kept["session"] == second, \
+        "a stop while asleep does not connect: the announcement stands"
+    assert not watcher.offlines(), "neither a will nor a clean offline"
+
+
+def test_sleep_without_a_connection_gives_up_in_time_and_changes_nothing(tmp_path: Path) -> None:
+    agent = PresenceAgent(agent_config(tmp_path, f"mqtt://127.0.0.1:{free_port()}"))
+    with pytest.raises(RuntimeError, match="start the agent"):
+        agent.sleep(1000)
+    try:
+        agent.start()
+        with pytest.raises(ValueError, match="sleep must be"):
+            agent.sleep(0)
+        assert agent.sleep(1000, timeout=0.2) is False
+        assert not agent.sleeping
+    finally:
+        agent.close()
+
+
+def test_presence_agent_sleep_delivers_the_outbox_announces_and_exits(
+    mosquitto: MosquittoProcess, watcher: Watcher, tmp_path: Path
+) -> None:
+    env = agent_env(tmp_path, mosquitto.url)
+    agent = [sys.executable, "-m", "device_agent.cli"]
+    queued = subprocess.run([*agent, "activity", "--data", '{"n": 5}'], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert queued.returncode == 0, queued.stderr
+    done = subprocess.run([*agent, "sleep", "--for", "10m"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"{USER}/{DEVICE} sleeps for 10m" in done.stdout
+    assert "Traceback" not in done.stderr
+
+    watcher.wait(lambda: [c for c in conn_messages(watcher) if c["state"] == "sleeping"],
+                 "the sleep announcement")
+    kinds = [(m.kind, m.json().get("state")) for m in watcher.snapshot()
+             if m.topic.startswith(f"presence/devices/{USER}/{DEVICE}/") and m.payload]
+    assert kinds.index(("conn", "online")) < kinds.index(("activity", None)) \
+        < kinds.index(("conn", "sleeping")), "birth, the queued activity, then the sleep"
+    sleeping = next(c for c in conn_messages(watcher) if c["state"] == "sleeping")
+    assert sleeping["sleepMs"] == 600_000
+    kept = json.loads(retained(mosquitto.host, mosquitto.port, CONN_TOPIC) or b"{}")
+    assert kept == sleeping and not watcher.offlines()
+
+    bad = subprocess.run([*agent, "sleep", "--for", "8d"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--for must be more than 0 and at most 7d" in bad.stderr
