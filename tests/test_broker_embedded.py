@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.broker import BrokerError, EmbeddedBroker
 from tests.support.wait import async_wait_for
@@ -62,7 +63,7 @@ class Client:
         self.port = port
         self.client_id = client_id or f"c-{uuid.uuid4().hex[:8]}"
         self.paho = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, **kwargs
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, **kwargs
         )
         self.received: list[tuple[str, bytes, int, bool]] = []
         self.subacks: list[int] = []
@@ -601,20 +602,54 @@ async def test_refused_client_is_not_left_connected(
         await broker.stop()
 
 
-# ---------------------------------------------------------------------------------------------
-# amqtt deviations we accept (pinned so a change in amqtt is noticed)
+async def test_puback_waits_while_the_hub_holds_it(
+    broker: EmbeddedBroker, new_client: Any
+) -> None:
+    # amqtt acknowledged a QoS 1 PUBLISH on receipt, before the hub had acted on it. The hub
+    # holds a PUBACK by returning True; send_acks releases it (after its store flush).
+    held_counts: list[int] = []
+
+    def hold_keep(topic: str, payload: bytes, qos: int, retain: bool, client_id: str | None) -> bool:
+        return topic.startswith("keep/")
+
+    broker.on_message = hold_keep
+    broker.on_ack_held = held_counts.append
+    device = await new_client().connect()
+    kept = [device.paho.publish(f"keep/{n}", b"x", qos=1) for n in range(3)]
+    passed = device.paho.publish("pass/0", b"x", qos=1)
+
+    await async_wait_for(passed.is_published, what="PUBACK of a message the hub does not hold")
+    assert held_counts == [1, 2, 3]
+    assert not any(info.is_published() for info in kept)
+    broker.send_acks(broker.take_held_acks())
+    await async_wait_for(lambda: all(info.is_published() for info in kept), what="held PUBACKs")
+    assert broker.take_held_acks() == []
 
 
-async def test_qos0_publish_reaches_qos1_subscriber_as_qos1(
+async def test_delivery_qos_is_the_lower_of_publish_and_subscription(
     broker: EmbeddedBroker, recorder: Recorder, new_client: Any
 ) -> None:
+    # amqtt delivered at the subscription's QoS: a QoS 0 heartbeat reached a QoS 1 watcher as
+    # QoS 1, a PUBACK round trip per heartbeat. MQTT says min(publish, subscription).
     watcher = await new_client().connect()
     await watcher.subscribe("hb/#", qos=1)
+    low = await new_client().connect()
+    await low.subscribe("hb/#", qos=0)
     device = await new_client().connect()
     device.publish("hb/x", b"1", qos=0)
-    await async_wait_for(lambda: watcher.received, what="heartbeat at the watcher")
-    assert watcher.received == [("hb/x", b"1", 1, False)]  # MQTT says min(0, 1) = 0
-    assert recorder.on("hb/x")[0].qos == 0  # the hub sees the publish QoS
+    device.publish("hb/y", b"2", qos=1)
+    await async_wait_for(lambda: len(watcher.received) == 2 and len(low.received) == 2,
+                         what="both messages at both subscribers")
+    assert watcher.received == [("hb/x", b"1", 0, False), ("hb/y", b"2", 1, False)]
+    assert low.received == [("hb/x", b"1", 0, False), ("hb/y", b"2", 0, False)]
+    assert [m.qos for m in recorder.messages] == [0, 1]  # the hub sees the publish QoS
+    await broker.publish("hb/hub", b"3", qos=1)  # the hub's own messages follow the same rule
+    await async_wait_for(lambda: len(low.received) == 3, what="the hub's message")
+    assert low.received[2] == ("hb/hub", b"3", 0, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# amqtt deviations we accept (pinned so a change in amqtt is noticed)
 
 
 async def test_anonymous_persistent_session_gets_no_offline_messages(

@@ -5,8 +5,17 @@ MQTT client of its own broker: a subclass of amqtt's broker hands it every PUBLI
 send, and the hub publishes straight into the broker, so no socket, client loop or encoding
 round trip sits between them.
 
+Read against amqtt 0.12.1 (:data:`AMQTT_VERSION`), and only that: the broker below, the
+connection handler (hub/broker/connection.py) and the CONNECT reader (hub/broker/session.py)
+override or redo 20-odd of amqtt's methods, most of them private, and another version may no
+longer call them, or call them with other arguments, without any error. pyproject.toml pins
+amqtt to exactly this version, and :meth:`EmbeddedBroker.start` refuses any other with one line
+saying so (:func:`check_amqtt_version`). Moving to a new amqtt means reading each override
+against its code again, then changing both.
+
 amqtt 0.12.1 deviates from MQTT 3.1.1 in ways the hub would feel. Measured, and what we do
-(each has a test in tests/test_broker_embedded.py):
+(each has a test in tests/test_broker_embedded.py or, for the faults of issue 11, in
+tests/test_embedded_faults.py):
 
 * Keepalive is never enforced: a silent client's socket, and so its will, lingers until TCP
   gives up. We close a connection that has been silent for 1.5 x its keepalive
@@ -26,8 +35,19 @@ amqtt 0.12.1 deviates from MQTT 3.1.1 in ways the hub would feel. Measured, and 
 * A client reconnecting with a client id that is still connected does not drop the old
   connection when the new one asks for a clean session ([MQTT-3.1.4-2]). We drop it (its will
   goes out, with its own session id, as for any lost connection) before the new one starts.
+* A QoS 1 PUBLISH is acknowledged on receipt, before the hub has acted on it, let alone
+  persisted it. Our connection handler (hub/broker/connection.py) leaves the PUBACK to us: sent
+  once the hub has handled the message, or held until the hub's store flush has persisted it
+  (``on_message`` returns True; :meth:`EmbeddedBroker.send_acks`).
+* Every outgoing message is a task of its own, waiting up to 5 s for its PUBACK, with nothing
+  bounding how many wait for a client that does not read. Ours go through one bounded queue
+  per session (connection.py), written while the socket takes them, dropped (QoS 0 first, one
+  log line per connection) beyond ``max_queued``.
+* Messages are delivered at the subscription's QoS, not min(publish, subscription)
+  ([MQTT-3.8.4-6]): a QoS 0 heartbeat reached a QoS 1 watcher as QoS 1. We deliver at the
+  lower of the two.
 
-Security (issue #5; the rules themselves are in hub/auth.py, tests in tests/test_security.py):
+Security (issue #5; the rules themselves are in hub/auth/, tests in tests/test_security.py):
 
 * Authentication and topic checks are our own amqtt plugins (``HubAuthPlugin``,
   ``HubTopicPlugin``) driven by an :class:`~hub.auth.AccessPolicy`. amqtt's built-in ACL plugin
@@ -48,30 +68,31 @@ Security (issue #5; the rules themselves are in hub/auth.py, tests in tests/test
 
 Scale (issue #6): amqtt scans every subscribed filter per message, every retained topic per
 SUBSCRIBE and every filter per connect and disconnect, and builds a ``transitions`` state
-machine per session. Tries over topic levels (hub/broker_index.py) replace the scans, lighter
-sessions (hub/broker_session.py) the machines, and the session monitor looks only at
-connections that ended. Every delivery still passes the receive check of hub/auth.py.
+machine per session. Tries over topic levels (hub/broker/index.py) replace the scans, lighter
+sessions (hub/broker/session.py) the machines, and the session monitor looks only at
+connections that ended. Every delivery still passes the receive check of hub/auth/.
 Measured with ``python -m bench --only embedded``: 10k agent-like devices at ~8% of a core
 (amqtt alone: 1,000 at 30%, 2,000 at 100%).
 
 Known and left alone (harmless for presence, documented here so nobody is surprised):
 
-* Messages are delivered at the *subscriber's* QoS, not min(publish, subscription): a QoS 0
-  heartbeat reaches a QoS 1 subscriber as QoS 1. Hub publishes and wills are delivered at
-  their own QoS to every subscriber.
-* An outgoing QoS 1 message not acknowledged within 5 s is dropped, not retried.
+* An outgoing QoS 1 message not acknowledged is sent again only when a persistent session
+  reconnects (as MQTT 3.1.1 has it), never on a timer.
+* A client's QoS 2 PUBLISH is acknowledged (PUBREC) on receipt, not after the hub's flush: the
+  presence protocol uses QoS 0 and 1 only.
 * Retained messages live in memory only: a stopped broker forgets them, so the hub republishes
   its retained state after every start.
 * Without accounts every session counts as anonymous, and amqtt queues nothing for
   disconnected anonymous sessions: persistent sessions get no offline messages. Presence
   state lives in retained topics, so a reconnecting device still sees the current state.
-  Sessions of logged-in accounts (clean session off) do get their QoS 1 messages queued, in
-  an unbounded queue, so such sessions expire after ``SESSION_EXPIRY_S`` (24 h) offline.
+  Sessions of logged-in accounts (clean session off) do get their QoS 1 messages queued (at
+  most ``max_queued``), and such sessions expire after ``SESSION_EXPIRY_S`` (24 h) offline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import math
 import ssl
@@ -106,16 +127,27 @@ from hub.auth.policy import (
     Verdict,
     listen_policy_error,
 )
+from hub.broker.connection import DeliveryLimits, HubHandler, Message, Outbox
 from hub.broker.index import RetainedIndex, SubscriptionIndex
 from hub.broker.session import HubSession, read_connect
 
-__all__ = ["BrokerError", "ClientHandler", "EmbeddedBroker", "MessageHandler", "TlsListener"]
+__all__ = [
+    "AMQTT_VERSION", "BrokerError", "ClientHandler", "DeliveryLimits", "EmbeddedBroker",
+    "HeldAck", "MessageHandler", "TlsListener", "check_amqtt_version",
+]
+
+#: The amqtt release every override in this package was read against (see the docstring).
+AMQTT_VERSION: Final = "0.12.1"
 
 log = logging.getLogger(__name__)
 
-#: ``(topic, payload, qos, retain, client_id)``, called in the broker's loop for every message
-#: a client publishes and every will the broker sends for a client.
-MessageHandler: TypeAlias = Callable[[str, bytes, int, bool, "str | None"], None]
+#: ``(topic, payload, qos, retain, client_id) -> hold``, called in the broker's loop for every
+#: message a client publishes and every will the broker sends for a client. Returning True for a
+#: QoS 1 PUBLISH holds its PUBACK until released with :meth:`EmbeddedBroker.send_acks`;
+#: anything else acknowledges it as soon as the handler returns.
+MessageHandler: TypeAlias = Callable[[str, bytes, int, bool, "str | None"], "bool | None"]
+#: A PUBACK held for the hub: the connection and the packet id it acknowledges.
+HeldAck: TypeAlias = tuple[HubHandler, int]
 #: Called with the client id once a client's connection is gone (clean or not).
 ClientHandler: TypeAlias = Callable[[str], None]
 
@@ -151,12 +183,54 @@ class _HideRefusals(logging.Filter):
 logging.getLogger("amqtt.broker").addFilter(_HideRefusals())
 
 
+#: How long a stopping broker waits for subscribers to take (and acknowledge) what it sent last,
+#: the hub's own ``offline`` among it, before it closes their connections.
+STOP_GRACE_S: Final = 2.0
+
+#: What becomes of a client's QoS 1 PUBLISH once handled: acknowledged at once, held for the
+#: hub's next flush, or never (the broker is stopping: the client keeps it and sends it again).
+_ACK_NOW: Final = 0
+_ACK_HELD: Final = 1
+_NO_ACK: Final = 2
+
+
+class _Handling:
+    """The client PUBLISH amqtt is handling in the current task, and what to do with its ack."""
+
+    __slots__ = ("message", "outcome")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.outcome = _ACK_NOW
+
+
 #: The client PUBLISH amqtt is handling in the current task (each connection has its own).
-_handling: ContextVar[Any] = ContextVar("hub_broker_handling", default=None)
+_handling: ContextVar[_Handling | None] = ContextVar("hub_broker_handling", default=None)
 
 
 class BrokerError(Exception):
     """The embedded broker could not do what was asked (listen, start, publish)."""
+
+
+def installed_amqtt_version() -> str | None:
+    """The amqtt version installed in this environment (None: not installed as a package)."""
+    try:
+        return importlib.metadata.version("amqtt")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_amqtt_version() -> None:
+    """Refuse to run the broker on an amqtt other than :data:`AMQTT_VERSION`, in one line."""
+    installed = installed_amqtt_version()
+    if installed == AMQTT_VERSION:
+        return
+    found = "amqtt is not installed" if installed is None else f"amqtt {installed} is installed"
+    raise BrokerError(
+        f"the embedded broker overrides amqtt {AMQTT_VERSION}'s internals and runs on that "
+        f"version only, but {found}: pip install 'amqtt=={AMQTT_VERSION}' (or use an "
+        "external broker with --broker mqtt://HOST:PORT)"
+    )
 
 
 def _abort_writer(writer: Any) -> bool:
@@ -225,11 +299,13 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         #: Writers of connections that have not finished CONNECT yet (closed on stop).
         self.connecting: set[Any] = set()
         # amqtt scans every filter per message and every retained topic per SUBSCRIBE; these
-        # stand-ins for its two dicts answer both by walking a trie (hub/broker_index.py).
+        # stand-ins for its two dicts answer both by walking a trie (hub/broker/index.py).
         self._subscriptions: SubscriptionIndex = SubscriptionIndex()
         self._retained_messages: RetainedIndex = RetainedIndex()
         #: Client ids whose connection ended since _session_monitor last looked.
         self._ended: set[str] = set()
+        #: Messages put on amqtt's broadcast queue and not yet handed to their subscribers.
+        self._pending_broadcasts = 0
         # Topic checks run for every publish and for every delivery to every subscriber; when
         # ours is the only topic plugin we call it directly rather than through amqtt's plugin
         # manager, which makes a task per call.
@@ -295,7 +371,9 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         # amqtt's _initialize_client_session, reordered: authenticate the CONNECT (and its
         # will) before it may touch any existing session of the same client id.
         try:
-            handler, incoming = await read_connect(reader, writer, self.plugins_manager)
+            handler, incoming = await read_connect(
+                reader, writer, self.plugins_manager, self._new_handler
+            )
         except (AMQTTError, MQTTError, NoDataError):
             raise
         except Exception as exc:  # e.g. a CONNECT string that is not UTF-8
@@ -333,6 +411,15 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             session.keep_alive = session.keep_alive * KEEPALIVE_GRACE
             handler.handle_read_timeout = lambda: self._keepalive_expired(handler)
         return handler, session
+
+    def _new_handler(self, plugins_manager: Any) -> HubHandler:
+        return HubHandler(plugins_manager, self._outbox_of, self._owner._dropping)
+
+    def _outbox_of(self, session: Any) -> Outbox:
+        outbox: Outbox | None = getattr(session, "hub_outbox", None)
+        if outbox is None:
+            outbox = session.hub_outbox = Outbox(self._owner.limits)
+        return outbox
 
     async def _admit(self, incoming: Any, writer: Any) -> Verdict:
         """Authenticate a CONNECT (the auth plugins) and check its client id; refuse or pass."""
@@ -462,10 +549,60 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
         )
         await handler.start()
-        await self._publish_session_retained_messages(session)
+        # what a persistent session was sent and not acknowledged, then what was queued for it
+        # while it was away (amqtt replays only the latter, through a task per message)
+        handler.resume()
         for topic_filter in self._subscriptions.filters_of(session.client_id):
             await self._publish_retained_messages_for_subscription((topic_filter, 0), session)
         await self._client_message_loop(session, handler)
+
+    async def _client_message_loop(self, session: Any, handler: Any) -> None:
+        """amqtt 0.12.1's loop over one client's packets, but its messages come before its end.
+
+        amqtt handled a DISCONNECT (or the end of the stream) first when a PUBLISH was ready
+        in the same turn, and dropped every PUBLISH still queued behind it: a client that sent
+        its clean ``offline`` and DISCONNECT together lost the ``offline``. MQTT has packets
+        handled in the order they were sent; a PUBLISH read before the connection ended is
+        handled before the end.
+        """
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if subscribe_waiter in done:
+                    await self._handle_subscription(session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(
+                        handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(
+                        handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(session, handler, wait_deliver):
+                        return  # a protocol error: _handle_client_session ends the connection
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect_waiter in done:
+                    queued = session.delivered_message_queue
+                    while not queued.empty():
+                        delivered = asyncio.get_running_loop().create_future()
+                        delivered.set_result(queued.get_nowait())
+                        if not await self._handle_message_delivery(session, handler, delivered):
+                            break
+                    await self._handle_disconnect(session, handler, disconnect_waiter)
+                    return
+        except asyncio.CancelledError:
+            log.debug("message loop of client %s cancelled", session.client_id)
+        finally:
+            waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _ended_without_disconnect(self, session: Any, handler: Any) -> None:
         """amqtt is done with a connection but left its session marked connected.
@@ -511,7 +648,12 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
 
     async def _handle_disconnect(self, client_session: Any, handler: Any, waiter: Any) -> None:
         # amqtt sends the will when the connection ended without a DISCONNECT packet; the same
-        # test here tells us a will went out, so the hub sees it like any other message.
+        # test here tells us a will went out, so the hub sees it like any other message. A
+        # DISCONNECT the handler noted counts even when amqtt's waiter lost it (connection.py).
+        noted = getattr(handler, "disconnect_packet", None)
+        if noted is not None and not isinstance(waiter.result(), DisconnectPacket):
+            waiter = asyncio.get_running_loop().create_future()
+            waiter.set_result(noted)
         abnormal = not isinstance(waiter.result(), DisconnectPacket)
         will: _Will | None = getattr(handler, "hub_will", None)
         if abnormal and will is not None:
@@ -532,11 +674,20 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
 
     async def _handle_message_delivery(self, session: Any, handler: Any, delivered: Any) -> bool:
         # Remember which PUBLISH this connection's task is handling, for _broadcast_message.
-        token = _handling.set(delivered.result())
+        message = delivered.result()
+        handling = _Handling(message)
+        token = _handling.set(handling)
         try:
             result: bool = await super()._handle_message_delivery(session, handler, delivered)
         finally:
             _handling.reset(token)
+        # Our handler leaves QoS 1 unacknowledged on receipt (connection.py): acknowledge it
+        # now, or hold it for the hub. A PUBLISH that ended the connection gets no PUBACK.
+        if result and message is not None and message.qos == 1 and message.packet_id:
+            if handling.outcome == _ACK_HELD:
+                self._owner._hold_ack(handler, message.packet_id)
+            elif handling.outcome == _ACK_NOW and isinstance(handler, HubHandler):
+                handler.send_pubacks([message.packet_id])
         # Fairness: amqtt reads a client's already-buffered packets without ever yielding to
         # the loop, so one flooding client would hold it for seconds while others' heartbeats
         # wait (and time out). One yield per message lets every connection take turns.
@@ -550,13 +701,23 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         # filters allow it; wills (force_qos set) and the hub's own messages (no session) take
         # other paths. Handing the message over here, inside amqtt's own await, costs no task
         # (a plugin event would cost one per message: ~40 us measured).
-        message = _handling.get()
-        if message is not None and session is not None and force_qos is None:
-            self._owner._deliver(
+        handling = _handling.get()
+        if handling is not None and session is not None and force_qos is None:
+            message = handling.message
+            handling.outcome = self._owner._deliver(
                 topic, data, message.qos, message.retain, session.client_id,
                 session.attributes.get(GRANT_KEY),
             )
-        await super()._broadcast_message(session, topic, data, force_qos)
+            force_qos = message.qos  # delivered at min(publish, subscription) QoS: MQTT's rule
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        self._pending_broadcasts += 1
+        await self._broadcast_queue.put(broadcast)
+
+    def broadcasts_done(self) -> bool:
+        """Every message put on the broadcast queue has been handed to its subscribers."""
+        return self._pending_broadcasts == 0
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -571,9 +732,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             None,
         )
         handler = self._get_handler(session)
-        if granted is None or handler is None:
+        if granted is None or not isinstance(handler, HubHandler):
             return
-        sends = []
         for topic in self._retained_messages.matching(topic_filter):
             retained = self._retained_messages.get(topic)
             if retained is None:
@@ -581,15 +741,14 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             if not await self._topic_filtering(session, topic, Action.RECEIVE):
                 continue
             qos = min(granted, retained.qos if retained.qos is not None else granted)
-            sends.append(asyncio.ensure_future(
-                handler.mqtt_publish(retained.topic, retained.data, qos, retain=True)
-            ))
-        if sends:
-            await asyncio.wait(sends)
+            # at the pace the client reads: a subscriber to '#' gets every retained message
+            await handler.deliver_waiting(
+                Message(topic.encode(), bytes(retained.data), qos, retain=True)
+            )
 
 
     def create_offline_session(self, client_id: str) -> tuple[Any, Any]:
-        # as amqtt's, with the light session (hub/broker_session.py)
+        # as amqtt's, with the light session (hub/broker/session.py)
         session = HubSession()
         session.client_id = client_id
         handler = BrokerProtocolHandler(self.plugins_manager, session)
@@ -654,33 +813,42 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
                 del subscriptions[a_filter]
 
     async def _run_broadcast(self, running_tasks: deque[Any]) -> None:
-        """amqtt 0.12.1's delivery of one queued message; only the choice of filters differs.
+        """amqtt 0.12.1's delivery of one queued message, through each subscriber's outbox.
 
-        Every delivery still passes the receive check (``_topic_filtering`` with
-        ``Action.RECEIVE``: the grant of the receiving session, hub/auth.py) before it is sent
-        or queued, exactly where amqtt makes it.
+        amqtt made a task per subscriber per message, each waiting up to 5 s for its PUBACK:
+        unbounded for a subscriber that does not read. Here a delivery is written at once or
+        queued in the session's bounded outbox (connection.py), and never waits. Every delivery
+        still passes the receive check (``_topic_filtering`` with ``Action.RECEIVE``: the grant
+        of the receiving session, hub/auth/) before it is sent or queued, as in amqtt.
         """
         broadcast = await self._broadcast_queue.get()
+        try:
+            await self._fan_out(broadcast)
+        except Exception:  # one bad delivery must not end the broadcast loop
+            log.exception("delivering a message on %r failed", broadcast.get("topic"))
+        finally:
+            self._pending_broadcasts -= 1
+
+    async def _fan_out(self, broadcast: dict[str, Any]) -> None:
         topic: str = broadcast["topic"]
-        data = broadcast["data"]
-        forced = broadcast.get("qos")
+        data = bytes(broadcast["data"])
+        published = broadcast.get("qos")
+        encoded = topic.encode()
         subscriptions = self._subscriptions
         for a_filter in subscriptions.matching(topic):
             # a copy: the awaits below may let a SUBSCRIBE change the list
-            for target, sub_qos in list(subscriptions.get(a_filter, ())):
-                qos = sub_qos if forced is None else forced
+            for target, granted in list(subscriptions.get(a_filter, ())):
+                qos = granted if published is None else min(published, granted)
                 if not await self._topic_filtering(target, topic, Action.RECEIVE):
                     continue
                 if target.transitions.state != "connected":
                     # queued only for a persistent, authenticated session, at QoS 1 or 2
                     if not target.clean_session and qos in (1, 2) and not target.is_anonymous:
-                        await self._retain_broadcast_message(broadcast, qos, target)
+                        self._outbox_of(target).offer(Message(encoded, data, qos, False))
                     continue
                 handler = self._get_handler(target)
-                if handler:
-                    running_tasks.append(
-                        asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-                    )
+                if isinstance(handler, HubHandler):
+                    handler.deliver(Message(encoded, data, qos, False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,10 +866,17 @@ class EmbeddedBroker:
 
     ``on_message`` runs in the broker's loop for every message a client publishes and every
     will sent for a client; it must not block. Messages published through :meth:`publish` are
-    not passed to it.
+    not passed to it. It returns True to hold a QoS 1 message's PUBACK until the caller has
+    persisted the message (:meth:`take_held_acks`, :meth:`send_acks`); ``on_ack_held`` is
+    called with the number of PUBACKs then held for that client, so the caller can persist
+    (and acknowledge) early rather than let a client's in-flight window fill.
+
+    Each client's outgoing messages are bounded (``limits``): a subscriber that does not read
+    gets at most ``max_queued`` messages queued, then loses messages (QoS 0 first), with one
+    log line, and never slows anyone else down.
 
     Access: with ``credentials`` holding at least one account, clients must log in and each
-    gets its account's grant (hub/auth.py); the file is re-read when it changes. Without
+    gets its account's grant (hub/auth/); the file is re-read when it changes. Without
     accounts the broker is open and listens on loopback only, unless ``allow_anonymous`` is
     True. ``allow_anonymous=False`` without accounts only makes clients give a username.
     """
@@ -719,10 +894,18 @@ class EmbeddedBroker:
         tls: TlsListener | None = None,
         max_packet_bytes: int = MAX_PACKET_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
+        on_ack_held: Callable[[int], None] | None = None,
+        limits: DeliveryLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.on_message = on_message
+        self.on_ack_held = on_ack_held
+        #: What the broker keeps for one client before dropping (connection.py).
+        self.limits = limits or DeliveryLimits()
+        #: Connections that overflowed their queue and dropped messages (each logged once).
+        self.slow_clients = 0
+        self._held: list[HeldAck] = []
         self.on_client_disconnected = on_client_disconnected
         self.allow_anonymous = allow_anonymous
         self.tls = tls
@@ -764,7 +947,7 @@ class EmbeddedBroker:
         return self.policy.refused
 
     def _plugins_config(self) -> dict[str, dict[str, Any]]:
-        """The amqtt plugins to load: our authentication and topic checks (hub/auth.py).
+        """The amqtt plugins to load: our authentication and topic checks (hub/auth/).
 
         Listing plugins replaces amqtt's defaults, which would log every packet and run $SYS.
         """
@@ -789,6 +972,7 @@ class EmbeddedBroker:
         """Listen on ``host:port`` (and the TLS listener); raise :class:`BrokerError` if not."""
         if self._broker is not None:
             raise BrokerError(f"broker already running on {self.host}:{self.port}")
+        check_amqtt_version()
         self.policy.refresh()
         hosts = [self.host] + ([self.tls.host] if self.tls is not None else [])
         refusal = listen_policy_error(hosts, self.policy)
@@ -825,6 +1009,7 @@ class EmbeddedBroker:
             return
         if self._outbox:  # what the hub queued before stopping still goes out
             await self._drained.wait()
+        await self._settle(self._broker)
         broker, self._broker = self._broker, None
         self._stopping = True
         # Abort connections first: amqtt's shutdown closes each politely, which waits on the
@@ -835,6 +1020,34 @@ class EmbeddedBroker:
             if handler.writer is not None:
                 _abort(handler)
         await broker.shutdown()
+
+    async def _settle(self, broker: _HubBroker) -> None:
+        """Let subscribers take what was published last before their connections close.
+
+        amqtt's shutdown dropped whatever was still on its broadcast queue ("6 messages not
+        broadcasted"), the hub's own ``offline`` among it, and closing a connection at once
+        would discard what sits in its socket buffer. So wait, at most :data:`STOP_GRACE_S`,
+        until every message is handed out and every client that keeps up has acknowledged what
+        it was sent; a client already dropping messages is not waited for.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE_S
+
+        def settled() -> bool:
+            if not broker.broadcasts_done():
+                return False
+            for session, handler in broker.sessions.values():
+                outbox = getattr(session, "hub_outbox", None)
+                if (outbox is not None and not outbox.settled and isinstance(handler, HubHandler)
+                        and handler.writable and not handler.dropping):
+                    return False
+            return True
+
+        while not settled():
+            if loop.time() >= deadline:
+                log.warning("stopping the broker with messages still on their way to subscribers")
+                return
+            await asyncio.sleep(0.01)  # a shutdown wait, polled: nothing signals "all acked"
 
     def _require(self) -> _HubBroker:
         if self._broker is None:
@@ -906,10 +1119,13 @@ class EmbeddedBroker:
     def _deliver(
         self, topic: str, payload: bytes | bytearray, qos: int | None, retain: bool,
         client_id: str | None, grant: Grant | None,
-    ) -> None:
+    ) -> int:
+        """Hand a message to ``on_message``; say what becomes of its PUBACK (``_ACK_*``)."""
         handler = self.on_message
-        if handler is None or self._stopping:
-            return
+        if self._stopping:
+            return _NO_ACK  # nobody acts on it now: unacknowledged, the client sends it again
+        if handler is None:
+            return _ACK_NOW
         # The broker's checks already ran; this one is for paths that might skip them (amqtt
         # sends wills past its ACL, for one): the hub acts only on what the sender may write.
         if grant is None or not grant.may_publish(topic):
@@ -917,12 +1133,48 @@ class EmbeddedBroker:
                 "hub_dropped", "hub dropped %r from client %s (%s): not its topic",
                 topic[:200], client_id, grant.who if grant else "not admitted",
             )
-            return
+            return _ACK_NOW
         try:
-            handler(topic, bytes(payload), qos or 0, retain, client_id)
-        except Exception:
+            hold = handler(topic, bytes(payload), qos or 0, retain, client_id)
+        except Exception:  # acknowledged all the same: sent again, it would fail again
             self.handler_errors += 1
             log.exception("message handler failed on %r from client %s", topic, client_id)
+            return _ACK_NOW
+        return _ACK_HELD if hold is True else _ACK_NOW
+
+    def _hold_ack(self, handler: HubHandler, packet_id: int) -> None:
+        self._held.append((handler, packet_id))
+        handler.held += 1
+        if self.on_ack_held is not None:
+            self.on_ack_held(handler.held)
+
+    def take_held_acks(self) -> list[HeldAck]:
+        """The PUBACKs held since the last call: what a flush starting now will persist."""
+        held, self._held = self._held, []
+        return held
+
+    def send_acks(self, acks: list[HeldAck]) -> None:
+        """Send held PUBACKs (their messages are persisted now), in order, one write per client.
+
+        A connection that has ended meanwhile gets nothing: its client sends the message again
+        if its session persists, as MQTT has it.
+        """
+        by_connection: dict[HubHandler, list[int]] = {}
+        for handler, packet_id in acks:
+            handler.held -= 1
+            by_connection.setdefault(handler, []).append(packet_id)
+        for handler, packet_ids in by_connection.items():
+            handler.send_pubacks(packet_ids)
+
+    def _dropping(self, handler: HubHandler) -> None:
+        """A client's queue overflowed: the one line it gets (per connection)."""
+        self.slow_clients += 1
+        session = handler.session
+        log.warning(
+            "client %s is not reading its messages: %d are queued for it; dropping what does "
+            "not fit (QoS 0 first) until it catches up",
+            session.client_id if session is not None else "?", self.limits.max_queued,
+        )
 
     def _client_gone(self, client_id: str) -> None:
         handler = self.on_client_disconnected

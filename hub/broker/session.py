@@ -10,14 +10,25 @@ about 40% of the broker's memory per connection and most of its connect cost.
 
 amqtt creates the session inside ``BrokerProtocolHandler.init_from_connect``, so
 :func:`read_connect` does that job again with :class:`HubSession`: same checks of the CONNECT,
-same CONNACK refusals, same session fields.
+same CONNACK refusals, same session fields. One difference (issue 11, defect 11): amqtt parses
+every CONNECT as MQTT 3.1.1 before looking at its protocol level. An MQTT 5 CONNECT carries
+properties where 3.1.1 has the client id, so the parser took them for a string length and
+waited for bytes that never came: the client got no CONNACK at all. :func:`read_connect` reads
+the whole packet first and answers any protocol but MQTT 3.1.1 (name ``MQTT``, level 4) with
+CONNACK 0x01 (unacceptable protocol version) at once, then closes. Mosquitto serves MQTT 5.
+
+Read against amqtt 0.12.1, like the rest of this package (``AMQTT_VERSION`` in
+:mod:`hub.broker.embedded`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from amqtt.errors import MQTTError
+from amqtt.adapters import BufferReader
+from amqtt.codecs_amqtt import read_or_raise
+from amqtt.errors import MQTTError, NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
@@ -26,6 +37,7 @@ from amqtt.mqtt.connack import (
     ConnackPacket,
 )
 from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from transitions import MachineError
@@ -73,7 +85,13 @@ class SessionStates:
 
 
 class HubSession(Session):  # type: ignore[misc]  # amqtt ships no type information
-    """An amqtt session whose state machine is a :class:`SessionStates`."""
+    """An amqtt session whose state machine is a :class:`SessionStates`.
+
+    ``hub_outbox`` holds what the broker owes the client (hub/broker/connection.py), made on
+    the first message: most sessions of idle devices never need one.
+    """
+
+    hub_outbox: Any = None
 
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)
@@ -84,14 +102,26 @@ class HubSession(Session):  # type: ignore[misc]  # amqtt ships no type informat
 
 
 async def read_connect(
-    reader: Any, writer: Any, plugins_manager: Any
+    reader: Any, writer: Any, plugins_manager: Any,
+    make_handler: Callable[[Any], BrokerProtocolHandler],
 ) -> tuple[BrokerProtocolHandler, HubSession]:
     """amqtt's ``BrokerProtocolHandler.init_from_connect``, making a :class:`HubSession`.
 
     Reads the CONNECT, refuses what amqtt refuses (``MQTTError``; a CONNACK with the reason
-    where MQTT has one) and returns a fresh handler and the session the CONNECT describes.
+    where MQTT has one) and returns a fresh handler (``make_handler(plugins_manager)``) and the
+    session the CONNECT describes.
     """
-    connect = await ConnectPacket.from_stream(reader)
+    fixed = await MQTTFixedHeader.from_stream(reader)
+    if fixed is None:
+        raise NoDataError("the connection ended before its CONNECT")
+    if fixed.packet_type != CONNECT:
+        raise MQTTError(f"[MQTT-3.1.0-1] first packet is not CONNECT (type {fixed.packet_type})")
+    body = await read_or_raise(reader, fixed.remaining_length)  # the whole packet
+    if _protocol_of(body) != ("MQTT", _PROTOCOL_LEVEL):
+        # refused before parsing the rest, which another version lays out differently
+        await _refuse(writer, plugins_manager, UNACCEPTABLE_PROTOCOL_VERSION)
+        raise MQTTError(f"CONNECT of protocol {_protocol_of(body)!r}, not MQTT 3.1.1: refused")
+    connect = await ConnectPacket.from_stream(BufferReader(body), fixed_header=fixed)
     await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
     header, payload = connect.variable_header, connect.payload
     if header is None or payload is None:
@@ -102,27 +132,20 @@ async def read_connect(
         raise MQTTError("will flag set, but will topic/message not present in payload")
     if header.reserved_flag:
         raise MQTTError("[MQTT-3.1.2-3] CONNECT reserved flag must be set to 0")
-    if connect.proto_name != "MQTT":
-        raise MQTTError(f"[MQTT-3.1.2-1] incorrect protocol name: {connect.proto_name!r}")
     peer = writer.get_peer_info()
     if peer is None:
         raise MQTTError("no peer address for the connection")
     remote_address, remote_port = peer
 
-    refusal: int | None = None
-    if connect.proto_level != _PROTOCOL_LEVEL:
-        refusal = UNACCEPTABLE_PROTOCOL_VERSION
-    elif (not connect.username_flag and connect.password_flag) or (
+    refusal: int | None = None  # (protocol name and level were checked above)
+    if (not connect.username_flag and connect.password_flag) or (
         connect.username_flag and connect.username is None
     ) or (connect.password_flag and connect.password is None):
         refusal = BAD_USERNAME_PASSWORD  # [MQTT-3.1.2-22]
     elif not connect.clean_session_flag and payload.client_id_is_random:
         refusal = IDENTIFIER_REJECTED  # [MQTT-3.1.3-8]
     if refusal is not None:
-        connack = ConnackPacket.build(0, refusal)
-        await plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
-        await connack.to_stream(writer)
-        await writer.close()
+        await _refuse(writer, plugins_manager, refusal)
         raise MQTTError(f"CONNECT from {remote_address}:{remote_port} refused ({refusal})")
 
     session = HubSession()
@@ -139,4 +162,26 @@ async def read_connect(
     session.remote_port = remote_port
     session.ssl_object = writer.get_ssl_info()
     session.keep_alive = max(connect.keep_alive, 0)
-    return BrokerProtocolHandler(plugins_manager), session
+    return make_handler(plugins_manager), session
+
+
+def _protocol_of(body: bytes) -> tuple[str, int] | None:
+    """A CONNECT's protocol name and level (the same place in every MQTT version), or None."""
+    if len(body) < 2:
+        return None
+    size = int.from_bytes(body[:2], "big")
+    if len(body) < 2 + size + 1:
+        return None
+    try:
+        name = body[2:2 + size].decode()
+    except UnicodeDecodeError:
+        return None
+    return name, body[2 + size]
+
+
+async def _refuse(writer: Any, plugins_manager: Any, code: int) -> None:
+    """CONNACK with ``code`` (session present 0, [MQTT-3.2.2-4]), then close."""
+    connack = ConnackPacket.build(0, code)
+    await plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
+    await connack.to_stream(writer)
+    await writer.close()
