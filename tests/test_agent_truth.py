@@ -3,7 +3,8 @@
 * every connection has a client id of its own, so a reconnect is never a takeover;
 * the birth announces the device's heartbeat interval and its user's idle time;
 * a second agent for the same device is named in one clear warning, not left to flap;
-* a device can announce a sleep, disconnect without a will, and wake with a new session.
+* a device can announce a sleep, disconnect without a will, and wake with a new session;
+* activity replayed from the outbox keeps the time it was recorded.
 
 What the agent did is read from a raw paho watcher and from Mosquitto's own log, never from
 the agent's opinion of itself.
@@ -15,6 +16,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent import PresenceAgent
+from device_agent import Outbox, PresenceAgent, queue_activity
 from device_agent import agent as agent_module
 from hub.protocol import ConnPayload
 from tests.support.procs import MosquittoProcess, free_port
@@ -348,3 +350,71 @@ def test_presence_agent_sleep_delivers_the_outbox_announces_and_exits(
     bad = subprocess.run([*agent, "sleep", "--for", "8d"], env=env,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--for must be more than 0 and at most 7d" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Replays keep their time
+
+
+def test_activity_replayed_from_the_outbox_keeps_the_time_it_was_recorded(
+    mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    """The hub treats activity older than the device's last interaction as history, so a
+    replay stamped with its delivery time would move the primary device: it must not be."""
+    watcher = Watcher(mosquitto.host, mosquitto.port, persistent=True)  # across the restart
+    config = agent_config(tmp_path, mosquitto.url)
+    two_hours_ago = int(time.time() * 1000) - 2 * 3600 * 1000
+    queue_activity(config, "message", "telegram-123", {"n": 0}, timestamp=two_hours_ago)
+    agent = PresenceAgent(config)
+    try:
+        agent.record_activity("message", data={"n": 1})  # not started: waits on disk
+        with Outbox(config.outbox_path, owner=f"{USER}/{DEVICE}") as outbox:
+            on_disk = [row.payload for row in outbox.pending()]
+        assert len(on_disk) == 2
+        agent.start()
+        watcher.wait(lambda: len(watcher.of("activity")) == 2, "both replayed")
+        sent = [m.payload for m in watcher.snapshot() if m.kind == "activity"]
+        assert sent == on_disk, "byte for byte what was recorded, timestamps included"
+        assert json.loads(sent[0])["timestamp"] == two_hours_ago
+
+        # Recorded during a broker outage, delivered after it: still the recording time.
+        mosquitto.stop()
+        wait_for(lambda: not agent.connected, what="the agent notices the outage")
+        before = int(time.time() * 1000)
+        agent.record_activity("message", data={"n": 2})
+        after = int(time.time() * 1000)
+        mosquitto.start()
+        late = watcher.wait(lambda: [a for a in watcher.of("activity") if a["data"]["n"] == 2],
+                            "activity from the outage", timeout=15)[0]
+        assert before <= late["timestamp"] <= after
+    finally:
+        agent.close()
+        watcher.close()
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Acks after a sync
+
+
+def test_every_state_message_is_acked_again_even_an_unchanged_version(
+    mosquitto: MosquittoProcess, watcher: Watcher, tmp_path: Path
+) -> None:
+    """A sync republishes the same version and asks every device to ack: the agent acks each
+    state message it receives, not only new versions."""
+    state = json.dumps({"userId": USER, "name": "Alice", "status": "online", "customStatus": None,
+                        "lastSeen": 1, "activeDevice": DEVICE, "version": 9, "devices": []})
+    with PresenceAgent(agent_config(tmp_path, mosquitto.url)) as agent:
+        assert agent.wait_connected(5)
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-hub-sync")
+        publisher.connect(mosquitto.host, mosquitto.port)
+        publisher.loop_start()
+        try:
+            for expected in (1, 2):  # the state, then the same state again (a sync)
+                publisher.publish(f"presence/users/{USER}/state", state, qos=1,
+                                  retain=True).wait_for_publish(5)
+                watcher.wait(lambda n=expected: watcher.of("ack").count({"version": 9}) == n,
+                             f"ack number {expected} of version 9")
+        finally:
+            publisher.disconnect()
+            publisher.loop_stop()
+        assert agent.stats["acks"] == 2
