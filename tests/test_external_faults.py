@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,6 +86,13 @@ class World:
         self.clients.append(d)
         return d
 
+    def live(self, user: str, device: str) -> SimDevice:
+        """A device that is born and keeps beating (every 250 ms: the hub's timeout is 1.25 s),
+        so its status stays put while a test waits on it."""
+        d = self.device(user, device).online()
+        d.start_heartbeats(0.25)
+        return d
+
     def client(self, **kw: Any) -> MqttClient:
         c = MqttClient(self.broker.host, self.broker.port, **kw)
         self.clients.append(c)
@@ -143,12 +151,13 @@ def ask(world: World, user: str, command: str, timeout: float = 10.0) -> dict[st
     return got
 
 
-def activity(device: SimDevice, channel: str) -> None:
-    """One activity message of ``device`` on ``channel`` (QoS 1, acked by the broker)."""
-    import time
-
-    act = ActivityPayload(type="message", channel_id=channel, timestamp=int(time.time() * 1000))
+def activity(device: SimDevice, channel: str) -> int:
+    """One activity message of ``device`` on ``channel`` (QoS 1, acked by the broker); its
+    timestamp."""
+    ts = int(time.time() * 1000)
+    act = ActivityPayload(type="message", channel_id=channel, timestamp=ts)
     device.publish(device.topic("activity"), act.to_json(), qos=1)
+    return ts
 
 
 def channels_logged(world: World, user: str) -> list[str]:
@@ -177,6 +186,39 @@ def test_messages_behind_the_connack_in_one_read_belong_to_the_new_connection() 
     asyncio.run(run())
 
 
+def test_a_copy_sent_again_after_a_reconnect_is_acked_not_handed_on_twice() -> None:
+    """The bookkeeping behind the in-flight test below, without a broker. Two messages come,
+    the link goes; one is acked (persisted) while the link is down, the other after its copy
+    came on the next connection. Neither copy is handed on; each is acked on the new link."""
+
+    async def run(session_present: bool) -> tuple[list[int], bytes]:
+        got: list[int] = []
+        client = HubMqttClient("127.0.0.1", 1, client_id="x",
+                               on_messages=lambda batch: got.extend(m[2] for m in batch))
+        first = _Connection(client)
+        first.data_received(b"\x20\x02\x00\x00" + encode_publish("t", b"a", 1, False, 7)
+                            + encode_publish("t", b"b", 1, False, 8))
+        gen = client.generation
+        client._conn = None
+        client._carry_unacked()  # what _connect_once does when the link is gone
+        client.ack(7, 1, gen)  # persisted while no link is up
+        second = _Connection(client)
+        second.data_received(bytes((0x20, 2, int(session_present), 0))
+                             + encode_publish("t", b"a", 1, False, 7, dup=True)
+                             + encode_publish("t", b"b", 1, False, 8, dup=True)
+                             + encode_publish("t", b"c", 1, False, 9))
+        client.ack(8, 1, gen)  # persisted now
+        return got, bytes(second.out)
+
+    got, out = asyncio.run(run(session_present=True))
+    assert got == [7, 8, 9]
+    assert out.endswith(encode_ack(PUBACK, 7) + encode_ack(PUBACK, 8))
+    # without a session the broker forgot them: a packet id may be a new message
+    got, out = asyncio.run(run(session_present=False))
+    assert got == [7, 8, 7, 8, 9]
+    assert encode_ack(PUBACK, 7) not in out and encode_ack(PUBACK, 8) not in out
+
+
 def test_hub_restart_with_a_backlog_applies_and_acks_all_of_it(world: World) -> None:
     """Issue 11 defect 1: 25 QoS 1 messages queued for the hub's session while it was dead.
 
@@ -188,7 +230,7 @@ def test_hub_restart_with_a_backlog_applies_and_acks_all_of_it(world: World) -> 
     watcher = world.watcher()
     hub = world.hub().start()
     wait_for(lambda: watcher.last(HUB_STATUS) == b"online", what="hub online")
-    pc = world.device("alice", "pc").online()
+    pc = world.live("alice", "pc")
     watcher.wait_device("alice", "pc", "online")
     hub.kill()
     wait_for(lambda: watcher.last(HUB_STATUS) == b"offline", what="the hub's will")
@@ -196,15 +238,21 @@ def test_hub_restart_with_a_backlog_applies_and_acks_all_of_it(world: World) -> 
     for channel in sent:
         activity(pc, channel)
     hub.start()
-    tablet = world.device("alice", "tablet").online()  # a QoS 1 birth after the backlog
+    tablet = world.live("alice", "tablet")  # a QoS 1 birth after the backlog
     watcher.wait_device("alice", "tablet", "online", timeout=10)
     logged = channels_logged(world, "alice")
     assert sorted(c for c in logged if c.startswith("backlog-")) == sent
     tablet.close()
     pc.close()
     assert hub.stop() == 0
-    # What the hub acked, the broker forgets; anything unacked is redelivered to the session.
-    # A stand-in takes the session, and a marker sent after it tells when all of it is in.
+    assert_nothing_left_for_the_hub(world, "presence/devices/alice/pc/activity")
+
+
+def assert_nothing_left_for_the_hub(world: World, topic: str) -> None:
+    """Nothing published to ``topic`` waits in the hub's broker session (the hub is stopped).
+
+    What the hub acked, the broker forgets; anything unacked is sent again to the session.
+    A stand-in takes the session, and a marker sent after it tells when all of it is in."""
     stand_in = world.client(client_id="presence-hub", clean_session=False)
     stand_in.connect()
     stand_in.subscribe("presence/devices/+/+/+", 1)
@@ -212,8 +260,46 @@ def test_hub_restart_with_a_backlog_applies_and_acks_all_of_it(world: World) -> 
     marker.publish("presence/devices/zz/marker/activity", b"{}", qos=1)
     wait_for(lambda: stand_in.got("presence/devices/zz/marker/activity"),
              what="the marker through the hub's session")
-    redelivered = stand_in.got("presence/devices/alice/pc/activity")
-    assert redelivered == [], f"{len(redelivered)} message(s) were never acked by the hub"
+    left = stand_in.got(topic)
+    assert left == [], f"{len(left)} message(s) on {topic} were never acked by the hub"
+    stand_in.close()
+
+
+def test_messages_in_flight_over_a_mosquitto_restart_are_applied_once_and_acked(
+    world: World,
+) -> None:
+    """Activity the hub has taken but not acked yet (its flush is still to come) when the
+    link goes is sent again by the broker on the next connection, with DUP. It was handed on
+    twice and logged twice; now the copy is recognised by its packet id, not handed on, and
+    acked once the first one is persisted."""
+    watcher = world.watcher()
+    hub = world.hub("a", "--flush-interval", "1h").start()  # acks wait for the stop's flush
+    wait_for(lambda: watcher.last(HUB_STATUS) == b"online", what="hub online")
+    devices = {"pc": world.live("alice", "pc"), "phone": world.live("alice", "phone")}
+    watcher.wait_device("alice", "phone", "online")
+    primary = watcher.topics.user("alice", "primary")
+    now = wait_for(lambda: watcher.last(primary), what="a primary device").decode()
+    other = "pc" if now == "phone" else "phone"
+    before = len(watcher.got(primary))
+    # each activity moves the primary device: the published primary shows the hub took all
+    # three (asking for the activity log would flush and so ack them)
+    sent = [f"in-flight-{i}" for i in range(3)]
+    order = [other, now, other]
+    for channel, device in zip(sent, order, strict=True):
+        activity(devices[device], channel)
+    wait_for(lambda: watcher.got(primary)[before:] == [d.encode() for d in order],
+             what=f"the hub taking the three activities (primary: {watcher.got(primary)})")
+    world.broker.restart()
+    wait_for(lambda: hub.output().count("hub connected to") == 2, timeout=10,
+             what="the hub back on the restarted broker")
+    assert "session present: True" in hub.output()
+    world.live("alice", "tablet")  # a QoS 1 message behind the copies: they are in
+    world.watcher().wait_device("alice", "tablet", "online")
+    logged = [c for c in channels_logged(world, "alice") if c.startswith("in-flight-")]
+    assert sorted(logged) == sent
+    assert hub.stop() == 0
+    for device in ("pc", "phone"):
+        assert_nothing_left_for_the_hub(world, f"presence/devices/alice/{device}/activity")
 
 
 # ---------------------------------------------------------------------------- defect 3
@@ -229,7 +315,7 @@ def test_mosquitto_restart_without_persistence_brings_the_retained_state_back(
     watcher = world.watcher()
     hub = world.hub().start()
     wait_for(lambda: watcher.last(HUB_STATUS) == b"online", what="hub online")
-    dev = world.device("alice", "laptop").online()
+    dev = world.live("alice", "laptop")
     dev.set(customStatus="kept across the restart")
     watcher.wait_text("alice", "custom", "kept across the restart")
     dev.clean_offline()  # alice is offline for good: nothing of hers changes from here on
@@ -288,7 +374,7 @@ def test_activity_published_while_the_hub_is_away_survives_a_mosquitto_restart(
     watcher = world.watcher()
     hub = world.hub().start()
     wait_for(lambda: watcher.last(HUB_STATUS) == b"online", what="hub online")
-    world.device("alice", "pc").online()
+    world.live("alice", "pc")
     watcher.wait_device("alice", "pc", "online")
     assert hub.proc is not None
     os.kill(hub.proc.pid, signal.SIGSTOP)
@@ -324,7 +410,7 @@ def test_a_second_hub_refuses_to_start_and_the_first_keeps_its_session(world: Wo
         "with prefix 'presence'"), errors[0]
     assert "presence hub running" not in second.stdout
     # the first hub never lost its session, and still hears
-    world.device("bob", "phone").online()
+    world.live("bob", "phone")
     watcher.wait_device("bob", "phone", "online")
     assert first.output().count("hub connected to") == 1
     assert watcher.got(HUB_STATUS) == [b"online"]
@@ -348,7 +434,7 @@ def test_two_hubs_on_one_session_stop_fighting_and_the_survivor_hears(world: Wor
     assert second.stop() == 0
     wait_for(lambda: watcher.last(HUB_STATUS) == b"online", timeout=30,
              what="the first hub back online")
-    world.device("carol", "tablet").online()
+    world.live("carol", "tablet")
     watcher.wait_device("carol", "tablet", "online", timeout=30)
     assert "carol" in ask(world, "carol", "/presence")["text"]
     for hub in hubs:

@@ -14,6 +14,8 @@ only what the hub needs and does it per read, not per packet:
   with DUP after a reconnect, and messages published while disconnected queued;
 * acks are manual (:meth:`HubMqttClient.ack`), so the hub acks a message only after it is
   persisted: a SIGKILL makes the broker redeliver it;
+* a message the broker sends again after a reconnect (the same packet id, DUP) while its ack
+  is still to come is not handed on twice: the late ack is sent for the copy instead;
 * keepalive pings and a dead-link check, TLS, a login and a will;
 * reconnects that stay prompt while the broker is only restarting (``fast_retries`` quick
   attempts, then jittered exponential backoff), and a strong backoff with one clear error when
@@ -345,6 +347,12 @@ class _Connection(asyncio.Protocol):
                     if qos:
                         mid = (buf[p] << 8) | buf[p + 1]
                         p += 2
+                        if qos == 1:
+                            # DUP: sent before on an earlier connection of the session
+                            if first & 0x08 and client._redelivered(mid):
+                                pos = end
+                                continue
+                            client._pending.add(mid)
                     else:
                         mid = 0
                     received.append((topic, bytes(buf[p:end]), mid, qos))
@@ -482,6 +490,16 @@ class HubMqttClient:
         self.failures = 0
         #: attempts that failed before the current connection was accepted
         self.failures_before = 0
+        #: QoS 1 packet ids handed on over the current connection and not acked yet
+        self._pending: set[int] = set()
+        #: ... handed on over the previous connection, not acked yet: the broker sends them
+        #: again (DUP) on this one, and those copies are not handed on twice
+        self._void_pending: set[int] = set()
+        #: ... over the previous connection, acked after it was gone (packet id -> the
+        #: generation it came on): a copy is acked at once
+        self._void_done: dict[int, int] = {}
+        #: copies that came again on this connection while the app still works on the first
+        self._owed: set[int] = set()
         #: CONNACKs that accepted us
         self.connects = 0
         #: bumped on every new connection: acks are for the connection a message came on
@@ -563,15 +581,67 @@ class HubMqttClient:
             room -= 1
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
-        """Acknowledge a received message, if it came on the current connection.
+        """Acknowledge a received message (call it once its effect is persisted).
 
-        A message from an earlier connection is redelivered by the broker on this one (with
-        its own ack to come), so its stale ack is not sent.
+        A message that came on an earlier connection is sent again by the broker on the next
+        connection of the session, with the same packet id and DUP set. That copy is not handed
+        on again (see :meth:`_redelivered`): this ack, late as it is, is sent for it, on the
+        current connection, which is the one the broker now waits on. A message whose
+        connection is gone and whose copy has not come yet is remembered as persisted, and its
+        copy is acked on arrival.
         """
-        conn = self._conn
-        if not qos or generation != self.generation or conn is None or not conn.established:
+        if qos != 1:
+            conn = self._conn
+            if qos == 2 and generation == self.generation and conn is not None \
+                    and conn.established:
+                conn.write(encode_ack(PUBREC, mid))
             return  # QoS 0 has nothing to ack (a PUBACK for packet id 0 is a protocol error)
-        conn.write(encode_ack(PUBACK if qos == 1 else PUBREC, mid))
+        conn = self._conn
+        live = conn is not None and conn.established and not conn.lost.done()
+        if generation == self.generation:
+            self._pending.discard(mid)
+            if live:
+                assert conn is not None
+                conn.write(encode_ack(PUBACK, mid))
+                return
+        if mid in self._owed and live:
+            assert conn is not None
+            self._owed.discard(mid)
+            conn.write(encode_ack(PUBACK, mid))
+        else:
+            self._void_pending.discard(mid)
+            self._void_done[mid] = generation
+
+    def _carry_unacked(self) -> None:
+        """The link is gone: what came on it and is not acked comes again on the next one.
+
+        Entries of older connections whose copies did not come on this one are dropped: if
+        they do come after all, they are handed on again (a duplicate, never a loss).
+        """
+        gen = self.generation
+        self._void_pending = self._pending | self._owed
+        self._void_done = {m: g for m, g in self._void_done.items() if g == gen}
+        self._pending, self._owed = set(), set()
+
+    def _redelivered(self, mid: int) -> bool:
+        """A DUP PUBLISH ``mid``: True if it is the copy of a message already handed on.
+
+        Safe because the broker cannot give a packet id to another message of the session
+        before we acked the first one, and we never did (its connection went first); so a
+        DUP with that id on the next connection is that message. Handing it on again would log
+        the same activity twice (measured: every activity in flight at a Mosquitto restart).
+        """
+        if mid in self._void_done:  # already persisted: ack the copy at once
+            del self._void_done[mid]
+            conn = self._conn
+            if conn is not None:
+                conn.write(encode_ack(PUBACK, mid))
+            return True
+        if mid in self._void_pending:  # still being persisted: ack when the app acks it
+            self._void_pending.discard(mid)
+            self._owed.add(mid)
+            return True
+        return False
 
     def pending(self) -> int:
         """Outgoing QoS 1 messages not yet acked by the broker (sent or queued)."""
@@ -688,6 +758,7 @@ class HubMqttClient:
         conn.established = False
         if self._conn is conn:
             self._conn = None
+        self._carry_unacked()
         if self._stopping:
             return _Attempt(None)
         lasted = self.loop.time() - conn.since
@@ -708,6 +779,13 @@ class HubMqttClient:
         if self._stopping:
             conn.abort("the hub is stopping")
             return
+        if not session_present or self.short_links >= 2:
+            # The broker forgot what was in flight; or it closed our links twice in a row
+            # right after accepting them (not a restart: another client with our id), and
+            # that client may have acked those ids, so a copy could be a new message.
+            # Hand everything on: a duplicate is better than a loss.
+            self._void_pending.clear()
+            self._void_done.clear()
         self.failures_before, self.failures = self.failures, 0
         self.connects += 1
         self.generation += 1

@@ -221,17 +221,19 @@ class ExternalTransport:
             log.info("the MQTT broker %s was unreachable for a while: republishing every "
                      "user's retained state in case it restarted from an older save", self.url)
         elif self.client.short_links:
-            # A link the broker closed right after accepting it: another client with the
-            # hub's id (a second hub) may have had the session and published its own state.
-            log.info("republishing every user's retained state after a contested link")
+            # A link the broker closed soon after accepting it: a restart, or another client
+            # with the hub's id (a second hub) that may have published its own state.
+            log.info("the MQTT broker %s closed the hub's last link soon after accepting it: "
+                     "republishing every user's retained state", self.url)
         if first or not session_present or self.client.failures_before or self.client.short_links:
             self.hub.republish_all()
 
     def _on_disconnect(self, why: str) -> None:
         log.warning("hub lost the broker %s (%s); reconnecting", self.url, why)
         self.connected.clear()
-        # acks of messages from the lost connection are void: the broker redelivers them
-        self._unacked = []
+        # What was ingested and not acked is acked after the flush as usual: the broker sends
+        # it again on the next connection, and the client acks that copy instead of handing
+        # it on twice.
         if self._held:
             log.warning("dropped %d offline message(s) that came just before the broker link "
                         "went down (a broker shutdown sends every will)", len(self._held))
