@@ -467,9 +467,9 @@ class HubMqttClient:
         self.backoff = backoff
         self.connect_timeout = connect_timeout
         self.fast_retries = fast_retries
-        #: awaited before each connection attempt until it returns None once: a reason string
-        #: (or OSError: the broker is unreachable) skips the attempt. The hub checks there that
-        #: no other hub is active before it takes its session.
+        #: awaited before each connection attempt until one is accepted: a reason string (or
+        #: OSError: the broker is unreachable) skips the attempt. The hub checks there that no
+        #: other hub is active before it takes its session.
         self.before_connect = before_connect
         self._connect_packet = encode_connect(client_id, keepalive=keepalive,
                                               clean_session=clean_session, username=username,
@@ -723,7 +723,6 @@ class HubMqttClient:
             if why is not None:
                 self.failures += 1
                 return _Attempt(why)
-            self.before_connect = None
         conn = _Connection(self)
         try:
             await asyncio.wait_for(self.loop.create_connection(
@@ -786,6 +785,7 @@ class HubMqttClient:
             # Hand everything on: a duplicate is better than a loss.
             self._void_pending.clear()
             self._void_done.clear()
+        self.before_connect = None  # asked once, before the first connection that held
         self.failures_before, self.failures = self.failures, 0
         self.connects += 1
         self.generation += 1
