@@ -495,3 +495,32 @@ def _outboxes(broker: EmbeddedBroker, prefix: str) -> list[Outbox]:
     assert amqtt_broker is not None
     return [session.hub_outbox for client_id, (session, _h) in sorted(amqtt_broker.sessions.items())
             if client_id.startswith(prefix)]
+
+
+async def test_a_subscriber_that_keeps_up_gets_every_message_of_a_republish(
+    inproc: InProcessHub,
+) -> None:
+    # The other side of a bounded queue: the hub publishes its whole state far faster than any
+    # client reads, so without waiting for those behind, a healthy paho subscriber lost half
+    # of a 20,000-message republish. The hub's publishing waits for it instead.
+    users = 2000
+    for n in range(users):
+        await inproc.service.record_activity(f"user{n}", {"type": "message", "channelId": "c1"})
+    await inproc.service.flush()
+    await inproc.broker.drained(0)
+    watcher = MqttClient("127.0.0.1", inproc.port)
+    try:
+        await asyncio.to_thread(watcher.connect)
+        await asyncio.to_thread(watcher.subscribe, "presence/users/#")
+        # state, status and primary are retained (an empty custom status is not)
+        await async_wait_for(lambda: len({m[0] for m in watcher.received if m[3]}) == 3 * users,
+                             timeout=30, what="the retained state of every user")
+        mark = len(watcher.received)
+
+        inproc.hub.republish_all()
+
+        await async_wait_for(lambda: len({m[0] for m in watcher.received[mark:]}) == 4 * users,
+                             timeout=60, what="every message of the republish")
+        assert inproc.broker.slow_clients == 0
+    finally:
+        await asyncio.to_thread(watcher.close)

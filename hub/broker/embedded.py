@@ -42,7 +42,9 @@ tests/test_embedded_faults.py):
 * Every outgoing message is a task of its own, waiting up to 5 s for its PUBACK, with nothing
   bounding how many wait for a client that does not read. Ours go through one bounded queue
   per session (connection.py), written while the socket takes them, dropped (QoS 0 first, one
-  log line per connection) beyond ``max_queued``.
+  log line per connection) beyond ``max_queued``. The hub's own messages skip amqtt's
+  broadcast queue (a task per message) and wait, at most ``HUB_PATIENCE_S`` per client, for
+  clients that fall behind, so one that keeps up loses nothing of a bulk republish.
 * Messages are delivered at the subscription's QoS, not min(publish, subscription)
   ([MQTT-3.8.4-6]): a QoS 0 heartbeat reached a QoS 1 watcher as QoS 1. We deliver at the
   lower of the two.
@@ -127,7 +129,7 @@ from hub.auth.policy import (
     Verdict,
     listen_policy_error,
 )
-from hub.broker.connection import DeliveryLimits, HubHandler, Message, Outbox
+from hub.broker.connection import Backlog, DeliveryLimits, HubHandler, Message, Outbox
 from hub.broker.index import RetainedIndex, SubscriptionIndex
 from hub.broker.session import HubSession, read_connect
 
@@ -183,6 +185,9 @@ class _HideRefusals(logging.Filter):
 logging.getLogger("amqtt.broker").addFilter(_HideRefusals())
 
 
+#: How long the hub's own publishing waits for a client that has fallen behind (see Backlog)
+#: before it goes on without it.
+HUB_PATIENCE_S: Final = 1.0
 #: How long a stopping broker waits for subscribers to take (and acknowledge) what it sent last,
 #: the hub's own ``offline`` among it, before it closes their connections.
 STOP_GRACE_S: Final = 2.0
@@ -306,6 +311,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         self._ended: set[str] = set()
         #: Messages put on amqtt's broadcast queue and not yet handed to their subscribers.
         self._pending_broadcasts = 0
+        #: Connections behind with their messages, for the hub's publishing to wait on.
+        self.backlog = Backlog(owner.limits, HUB_PATIENCE_S, owner._dropping)
         # Topic checks run for every publish and for every delivery to every subscriber; when
         # ours is the only topic plugin we call it directly rather than through amqtt's plugin
         # manager, which makes a task per call.
@@ -413,7 +420,7 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         return handler, session
 
     def _new_handler(self, plugins_manager: Any) -> HubHandler:
-        return HubHandler(plugins_manager, self._outbox_of, self._owner._dropping)
+        return HubHandler(plugins_manager, self._outbox_of, self.backlog)
 
     def _outbox_of(self, session: Any) -> Outbox:
         outbox: Outbox | None = getattr(session, "hub_outbox", None)
@@ -830,9 +837,12 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             self._pending_broadcasts -= 1
 
     async def _fan_out(self, broadcast: dict[str, Any]) -> None:
-        topic: str = broadcast["topic"]
-        data = bytes(broadcast["data"])
-        published = broadcast.get("qos")
+        await self.fan_out(broadcast["topic"], bytes(broadcast["data"]), broadcast.get("qos"))
+
+    async def fan_out(self, topic: str, data: bytes, published: int | None) -> None:
+        """Hand one message to every matching subscriber's outbox (or queue it for an offline
+        persistent session); never waits on a client. ``published``: the QoS it was published
+        with (None: each subscription's own)."""
         encoded = topic.encode()
         subscriptions = self._subscriptions
         for a_filter in subscriptions.matching(topic):
@@ -924,6 +934,8 @@ class EmbeddedBroker:
         self._drainer: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         self._drained.set()
+        #: callers of drained(below) waiting for the queue to shrink
+        self._below: list[tuple[int, asyncio.Future[None]]] = []
 
     @property
     def url(self) -> str:
@@ -1066,6 +1078,27 @@ class EmbeddedBroker:
             await self._drained.wait()
         await _send(broker, *message)
 
+    async def drained(self, below: int) -> None:
+        """Return once at most ``below`` messages of :meth:`publish_nowait` wait to go out.
+
+        They wait while a subscriber that keeps up has fallen behind (at most
+        ``HUB_PATIENCE_S`` for each): a bulk publisher (the hub's republish) pauses here
+        rather than queue without bound.
+        """
+        loop = asyncio.get_running_loop()
+        while self._broker is not None and len(self._outbox) > below:
+            waiter = loop.create_future()
+            self._below.append((below, waiter))
+            await waiter
+
+    def _wake_below(self) -> None:
+        queued = len(self._outbox)
+        waiting = self._below
+        self._below = [(below, w) for below, w in waiting if below < queued and not w.done()]
+        for below, waiter in waiting:
+            if below >= queued and not waiter.done():
+                waiter.set_result(None)
+
     def publish_nowait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> None:
@@ -1083,14 +1116,23 @@ class EmbeddedBroker:
     async def _drain(self) -> None:
         try:
             while self._outbox and self._broker is not None:
+                # the hub publishes faster than any client reads: wait for those behind
+                await self._broker.backlog.wait()
+                if self._broker is None:
+                    break
                 message = self._outbox.popleft()
+                if self._below:
+                    self._wake_below()
                 try:
                     await _send(self._broker, *message)
                 except Exception:
                     log.exception("publishing %r failed", message[0])
+                # let the clients' packets (PUBACKs, heartbeats) in between the hub's messages
+                await asyncio.sleep(0)
         finally:
             self._outbox.clear()
             self._drained.set()
+            self._wake_below()
 
     async def disconnect_client(self, client_id: str) -> bool:
         """Drop ``client_id``'s connection as if its network died, so its will is published.
@@ -1213,11 +1255,12 @@ def _outgoing(topic: str, payload: bytes, qos: int, retain: bool) -> tuple[str, 
 
 
 async def _send(broker: _HubBroker, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-    # Store before broadcasting, so a client subscribing meanwhile still gets the message.
-    # Neither call waits on anything in amqtt 0.12 (its broadcast queue is unbounded).
+    # Store before delivering, so a client subscribing meanwhile still gets the message. The
+    # hub's messages go straight to the subscribers' outboxes, not through amqtt's broadcast
+    # queue (a task per message there), so the hub's flow control sees them as they land.
     if retain:
         await broker.retain_message(None, topic, payload, qos)
-    await broker.internal_message_broadcast(topic, payload, qos)
+    await broker.fan_out(topic, payload, qos)
 
 
 async def _send_connack(writer: Any, code: int) -> None:

@@ -115,7 +115,9 @@ class EmbeddedTransport:
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def drained(self, below: int) -> None:
-        return None  # publishing into the broker in-process never waits on a socket
+        """Return once at most ``below`` of the hub's messages wait for the broker, which holds
+        them while a subscriber that keeps up has fallen behind (a republish pauses here)."""
+        await self.broker.drained(below)
 
     def _ack_held(self, held_for_client: int) -> None:
         if held_for_client >= ACK_WINDOW:
