@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from hub.broker import BrokerError, EmbeddedBroker
+from hub.broker import BrokerError, DeliveryLimits, EmbeddedBroker
 from tests.support.wait import async_wait_for
 
 
@@ -557,20 +557,46 @@ async def test_connection_without_connect_is_closed_after_connect_timeout() -> N
             assert await asyncio.wait_for(loop.sock_recv(pending, 16), 3) == b""
 
 
-async def test_publish_to_a_dollar_topic_closes_the_connection_with_its_will(
+async def test_publish_to_a_dollar_topic_is_acknowledged_and_dropped(
     broker: EmbeddedBroker, recorder: Recorder, new_client: Any
 ) -> None:
-    # amqtt alone stops serving such a client but leaves its socket open and session connected.
-    device = new_client("bad-1")
-    device.paho.will_set("dev/bad-1/conn", b"lost", qos=1)
-    await device.connect()
-    device.publish("$SYS/hack", b"x", qos=1)
+    # amqtt alone stops serving such a client but leaves its socket open and session connected;
+    # MQTT reserves $ topics for the server without making the PUBLISH a protocol error.
+    watcher = await new_client().connect()
+    await watcher.subscribe("$SYS/#")
+    device = await new_client("bad-1").connect()
+    sent = device.paho.publish("$SYS/hack", b"x", qos=1)
+    await async_wait_for(sent.is_published, what="PUBACK of the $ topic")
+    device.publish("dev/bad-1/after", b"y", qos=1)
 
-    await async_wait_for(lambda: device.disconnected, what="connection closed by the broker")
+    await async_wait_for(lambda: recorder.on("dev/bad-1/after"), what="the next message")
+    assert recorder.on("$SYS/hack") == [] and watcher.received == []
+    assert broker.refused["dollar_topic"] == 1
+    assert device.paho.is_connected()
+
+
+async def test_publish_to_an_empty_topic_closes_the_connection_with_its_will(
+    broker: EmbeddedBroker, recorder: Recorder
+) -> None:
+    # [MQTT-4.7.3-1]: a protocol error. amqtt alone stops serving such a client but leaves its
+    # socket open and session connected. (paho refuses to send such a PUBLISH: a raw socket
+    # does.)
+    will = struct.pack("!H", 14) + b"dev/bad-2/conn" + struct.pack("!H", 4) + b"lost"
+    body = b"\x00\x04MQTT\x04\x0e\x00\x3c" + struct.pack("!H", 5) + b"bad-2" + will
+    topic = b""
+    publish = bytes([0x32, 2 + len(topic) + 2 + 1]) + struct.pack("!H", len(topic)) + topic
+    publish += b"\x00\x01x"
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", broker.port)) as sock:
+        sock.setblocking(False)
+        await loop.sock_sendall(sock, bytes([0x10, len(body)]) + body)
+        assert await asyncio.wait_for(loop.sock_recv(sock, 4), 3) == b"\x20\x02\x00\x00"
+        await loop.sock_sendall(sock, publish)
+        assert await asyncio.wait_for(loop.sock_recv(sock, 16), 3) == b""  # closed, no PUBACK
+
     await async_wait_for(lambda: recorder.gone, what="disconnect reported")
-    assert recorder.on("dev/bad-1/conn") == [Seen("dev/bad-1/conn", b"lost", 1, False, "bad-1")]
-    assert recorder.on("$SYS/hack") == []
-    assert recorder.gone == ["bad-1"]
+    assert recorder.on("dev/bad-2/conn") == [Seen("dev/bad-2/conn", b"lost", 1, False, "bad-2")]
+    assert [m.topic for m in recorder.messages] == ["dev/bad-2/conn"]
     assert broker.connected_clients() == []
 
 
@@ -648,27 +674,107 @@ async def test_delivery_qos_is_the_lower_of_publish_and_subscription(
     assert low.received[2] == ("hb/hub", b"3", 0, False)
 
 
-# ---------------------------------------------------------------------------------------------
-# amqtt deviations we accept (pinned so a change in amqtt is noticed)
-
-
-async def test_anonymous_persistent_session_gets_no_offline_messages(
+async def test_persistent_session_gets_what_was_published_while_it_was_away(
     broker: EmbeddedBroker, new_client: Any
 ) -> None:
+    # amqtt forgot an anonymous client's persistent session the moment it disconnected, and
+    # without accounts every client is anonymous: nothing was queued, and the session was not
+    # present on return. MQTT queues QoS 1 and 2 for a persistent session [MQTT-3.1.2-5].
     sub = new_client("offline-sub", clean_session=False)
     await sub.connect()
-    await sub.subscribe("queued/x", qos=1)
+    await sub.subscribe("queued/#", qos=1)
     await sub.disconnect()
     await async_wait_for(lambda: broker.connected_clients() == [], what="subscriber gone")
 
-    await broker.publish("queued/x", b"while-away", qos=1)
+    await broker.publish("queued/q0", b"zero", qos=0)  # QoS 0 is not queued (nor by Mosquitto)
+    await broker.publish("queued/q1", b"one", qos=1)
 
     again = new_client("offline-sub", clean_session=False)
+    present: list[bool] = []
+    again.paho.on_connect = lambda _c, _u, flags, _rc, _p: present.append(flags.session_present)
     await again.connect()
     await again.subscribe("marker")
     await broker.publish("marker", b"m", qos=1)
-    await async_wait_for(lambda: again.received, what="marker")
-    assert again.received == [("marker", b"m", 1, False)]  # nothing queued before it
+    await async_wait_for(lambda: again.got("marker"), what="marker")
+    assert again.received == [("queued/q1", b"one", 1, False), ("marker", b"m", 1, False)]
+    assert present == [True]
+
+
+async def test_what_is_queued_for_a_session_away_is_bounded(
+    recorder: Recorder, clients: list[Client]
+) -> None:
+    broker = EmbeddedBroker("127.0.0.1", 0, limits=DeliveryLimits(max_queued=3))
+    await broker.start()
+    try:
+        sub = Client(broker.port, "away", clean_session=False)
+        clients.append(sub)
+        await sub.connect()
+        await sub.subscribe("queued/#", qos=1)
+        await sub.disconnect()
+        await async_wait_for(lambda: broker.connected_clients() == [], what="subscriber gone")
+        for n in range(5):
+            await broker.publish("queued/x", b"%d" % n, qos=1)
+
+        again = Client(broker.port, "away", clean_session=False)
+        clients.append(again)
+        await again.connect()
+        await again.subscribe("marker")
+        await broker.publish("marker", b"m", qos=1)
+        await async_wait_for(lambda: again.got("marker"), what="marker")
+        assert [m[1] for m in again.got("queued/x")] == [b"0", b"1", b"2"]
+    finally:
+        await broker.stop()
+
+
+async def _read_packet(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[int, bytes]:
+    """One MQTT packet: (first byte, body)."""
+
+    async def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, n - len(data)), 3)
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+
+    first = (await exactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await exactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return first, await exactly(length)
+
+
+async def test_unacknowledged_messages_are_sent_again_when_a_persistent_session_returns(
+    broker: EmbeddedBroker,
+) -> None:
+    # amqtt gave up on an outgoing QoS 1 message after 5 s without a PUBACK and never sent it
+    # again; MQTT sends it again, DUP set, when the session reconnects [MQTT-4.4.0-1].
+    loop = asyncio.get_running_loop()
+    connect = b"\x10\x0f\x00\x04MQTT\x04\x00\x00\x3c" + struct.pack("!H", 3) + b"red"
+
+    with socket.create_connection(("127.0.0.1", broker.port)) as first:
+        first.setblocking(False)
+        await loop.sock_sendall(first, connect)
+        assert await _read_packet(loop, first) == (0x20, b"\x00\x00")
+        await loop.sock_sendall(first, b"\x82\x08\x00\x01" + struct.pack("!H", 3) + b"r/#\x01")
+        assert await _read_packet(loop, first) == (0x90, b"\x00\x01\x01")
+        await broker.publish("r/x", b"payload", qos=1)
+        kind, body = await _read_packet(loop, first)
+        assert kind == 0x32 and body.endswith(b"payload")  # QoS 1, not acknowledged: we go
+        packet_id = body[5:7]
+
+    await async_wait_for(lambda: broker.connected_clients() == [], what="first connection gone")
+    with socket.create_connection(("127.0.0.1", broker.port)) as second:
+        second.setblocking(False)
+        await loop.sock_sendall(second, connect)
+        assert await _read_packet(loop, second) == (0x20, b"\x01\x00")  # session present
+        assert await _read_packet(loop, second) == (0x3A, body)  # the same PUBLISH, DUP set
+        await loop.sock_sendall(second, b"\x40\x02" + packet_id)
+        await broker.publish("r/y", b"next", qos=0)
+        assert await _read_packet(loop, second) == (0x30, struct.pack("!H", 3) + b"r/ynext")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,9 +29,14 @@ tests/test_embedded_faults.py):
 * On connect amqtt sends the client every retained message matching *any* client's
   subscriptions, at QoS 0, and sends them again when the client subscribes. We send retained
   messages only for the connecting session's own subscriptions, at the QoS it was granted.
-* A refused client stays registered as connected, and a client that publishes to a wildcard
-  or ``$`` topic is left with an open socket and a reader nobody serves. We end both (the
-  second as a protocol error: its will goes out).
+* A refused client stays registered as connected, and a client that publishes to an empty
+  topic is left with an open socket and a reader nobody serves. We end both (the second as a
+  protocol error [MQTT-4.7.3-1]: its will goes out). (A wildcard in a PUBLISH topic makes
+  amqtt's parser stop inside the packet, so the rest of that client's stream is garbage until
+  its keepalive runs out and its will goes out; left alone, being that client's own doing.)
+* A client that publishes to a ``$`` topic is treated the same way. MQTT reserves those
+  topics for the server but does not make the PUBLISH an error; we acknowledge it and drop the
+  message (counted as ``dollar_topic``), as Mosquitto does for ``$SYS``.
 * A client reconnecting with a client id that is still connected does not drop the old
   connection when the new one asks for a clean session ([MQTT-3.1.4-2]). We drop it (its will
   goes out, with its own session id, as for any lost connection) before the new one starts.
@@ -45,6 +50,9 @@ tests/test_embedded_faults.py):
   log line per connection) beyond ``max_queued``. The hub's own messages skip amqtt's
   broadcast queue (a task per message) and wait, at most ``HUB_PATIENCE_S`` per client, for
   clients that fall behind, so one that keeps up loses nothing of a bulk republish.
+* The persistent session of an anonymous client is forgotten the moment it disconnects, and
+  nothing is queued for it; without accounts every client is anonymous. We keep persistent
+  sessions whoever owns them, with their QoS 1/2 messages queued (bounded, see below).
 * Messages are delivered at the subscription's QoS, not min(publish, subscription)
   ([MQTT-3.8.4-6]): a QoS 0 heartbeat reached a QoS 1 watcher as QoS 1. We deliver at the
   lower of the two.
@@ -84,11 +92,8 @@ Known and left alone (harmless for presence, documented here so nobody is surpri
   presence protocol uses QoS 0 and 1 only.
 * Retained messages live in memory only: a stopped broker forgets them, so the hub republishes
   its retained state after every start.
-* Without accounts every session counts as anonymous, and amqtt queues nothing for
-  disconnected anonymous sessions: persistent sessions get no offline messages. Presence
-  state lives in retained topics, so a reconnecting device still sees the current state.
-  Sessions of logged-in accounts (clean session off) do get their QoS 1 messages queued (at
-  most ``max_queued``), and such sessions expire after ``SESSION_EXPIRY_S`` (24 h) offline.
+* A persistent session (clean session off) that has been offline for ``SESSION_EXPIRY_S``
+  (24 h) is forgotten, with the QoS 1/2 messages queued for it (at most ``max_queued``).
 """
 
 from __future__ import annotations
@@ -395,9 +400,6 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             new_will = _Will.of(session)
             _Will.put(session, getattr(old_handler, "hub_will", None))
             log.info("client %s connected again; dropping its old connection", session.client_id)
-            # keep amqtt's session monitor (which drops disconnected anonymous sessions every
-            # second) off the session we are resuming while its old connection goes
-            session.is_anonymous = False
             await self.close_connection(old_handler)
             _Will.put(session, new_will)
         grant = verdict.grant
@@ -405,12 +407,12 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         session.attributes[GRANT_KEY] = grant
         session.attributes[_OWNER_KEY] = verdict.username
         session.password = None  # checked; no reason to keep it in memory
-        policy = self._owner.policy
-        # amqtt queues nothing for anonymous sessions; without accounts everyone counts as
-        # anonymous, as with amqtt's own AnonymousAuthPlugin.
-        session.is_anonymous = verdict.username is None or (
-            not policy.auth_required and policy.allow_anonymous is not False
-        )
+        # amqtt forgets the persistent session of an anonymous client the moment it disconnects
+        # and queues nothing for it; MQTT makes no such exception [MQTT-3.1.2-4], and without
+        # accounts every client is anonymous. So no session is marked anonymous here: a
+        # persistent one keeps its subscriptions and up to max_queued QoS 1/2 messages until it
+        # returns or SESSION_EXPIRY_S passes.
+        session.is_anonymous = False
         handler.hub_will = _Will.of(session)
         handler.hub_grant = grant
         # Keepalive: amqtt times reads out after `keep_alive` seconds but then does nothing.
@@ -615,8 +617,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         """amqtt is done with a connection but left its session marked connected.
 
         Two ways: it refused the client (it registers sessions before authenticating them),
-        or it quit the message loop over a bad PUBLISH (wildcard or ``$`` topic) without
-        closing the socket, leaving a reader running that nobody serves.
+        or it quit the message loop over a bad PUBLISH (an empty topic) without closing the
+        socket, leaving a reader running that nobody serves.
         """
         if session.attributes.get("hub.refused"):
             _abort(handler)
@@ -682,6 +684,15 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
     async def _handle_message_delivery(self, session: Any, handler: Any, delivered: Any) -> bool:
         # Remember which PUBLISH this connection's task is handling, for _broadcast_message.
         message = delivered.result()
+        if message is not None and message.topic and message.topic.startswith("$"):
+            # amqtt ends the connection; MQTT only reserves these topics for the server
+            self._owner.policy.note(
+                "dollar_topic", "dropped a PUBLISH of client %s to %r: $ topics are the "
+                "broker's", session.client_id, message.topic[:200],
+            )
+            if message.qos == 1 and message.packet_id and isinstance(handler, HubHandler):
+                handler.send_pubacks([message.packet_id])
+            return True
         handling = _Handling(message)
         token = _handling.set(handling)
         try:
@@ -788,8 +799,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
                     continue
                 session = entry[0]
                 ended_at = session.last_disconnect_time
-                if (session.is_anonymous or session.clean_session or (
-                        retain_after is not None and ended_at and ended_at < retain_after)):
+                if session.clean_session or (
+                        retain_after is not None and ended_at and ended_at < retain_after):
                     await self._cleanup_session(client_id)
             await asyncio.sleep(1)
 
@@ -852,8 +863,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
                 if not await self._topic_filtering(target, topic, Action.RECEIVE):
                     continue
                 if target.transitions.state != "connected":
-                    # queued only for a persistent, authenticated session, at QoS 1 or 2
-                    if not target.clean_session and qos in (1, 2) and not target.is_anonymous:
+                    # queued only for a persistent session, at QoS 1 or 2 (as Mosquitto does)
+                    if not target.clean_session and qos in (1, 2):
                         self._outbox_of(target).offer(Message(encoded, data, qos, False))
                     continue
                 handler = self._get_handler(target)
