@@ -414,3 +414,20 @@ def test_an_offline_of_an_unknown_user_publishes_them_offline(engine: Engine) ->
     assert (pub.state.status, pub.state.devices[0].status) == ("offline", "offline")
     engine.handle(Heartbeat("u", "phone", "s1"), T0 + 1_000)  # its session is over
     assert device(engine, "phone") == "offline"
+
+
+def test_wills_queued_over_a_broker_restart_wait_for_the_devices_to_come_back(
+    engine: Engine,
+) -> None:
+    """A broker restarted with persistence queues every client's will for the hub; the hub
+    reconnects first, the devices a moment later: they have the hold to be heard again."""
+    engine.handle(Birth("u", "phone", "s1"), T0)
+    engine.hold_timeouts()
+    engine.release_timeouts(T0 + 10_000)
+    engine.handle(DeviceOffline("u", "phone", "s1", "lost"), T0 + 10_050)  # queued, delivered
+    assert engine.tick(T0 + 10_050 + GRACE) == ()
+    fx = collect(engine, (T0 + 12_000, Birth("u", "phone", "s2")), (T0 + 60_000, None))
+    assert events(fx) == []
+    # once heard, a will takes the usual grace
+    engine.handle(DeviceOffline("u", "phone", "s2", "lost"), T0 + 61_000)
+    assert events(engine.tick(T0 + 61_000 + GRACE))[0] == ("statusChange", "online", "offline")

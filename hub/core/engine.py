@@ -648,8 +648,14 @@ class Engine:
         d.ended = True
         if lost and self._grace and d.connected:
             # the broker speaks for a silent device: wait out the grace, in which a birth of
-            # a new session (the same device reconnecting) voids this will
-            d.will_due = now + self._grace
+            # a new session (the same device reconnecting) voids this will. Within a hold
+            # (the hub restarted or its link came back) the device has until the hold ends:
+            # a broker that restarts queues every client's will for the hub, and the devices
+            # reconnect after the hub does
+            due = now + self._grace
+            if d.hold_until is not None and d.hold_until > due:
+                due = d.hold_until
+            d.will_due = due
             self._pending_wills.add(d)
             self._dirty.add(d.user.id)
             self._schedule(d, now)
