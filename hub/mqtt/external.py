@@ -59,7 +59,7 @@ class HubAlreadyActive(PresenceError):
 
 
 class ExternalTransport:
-    """The hub on an external broker through :class:`~hub.mqtt_client.HubMqttClient`.
+    """The hub on an external broker through :class:`~hub.mqtt.client.HubMqttClient`.
 
     A persistent session (fixed client id, clean session off) subscribed at QoS 1; every read
     from the socket becomes one ``ingest`` batch. QoS 1 messages are acked after the flush that
@@ -75,12 +75,8 @@ class ExternalTransport:
         ca_file: str | None = None,
         tls_insecure: bool = False,
         keepalive: int = 30,
-        will_hold_ms: int = 25,
     ) -> None:
         self.hub = hub
-        self.will_hold_ms = will_hold_ms
-        self._held: list[tuple[str, bytes]] = []
-        self.wills_dropped = 0
         self.url = url
         self.loop = asyncio.get_running_loop()
         self._client_id = client_id
@@ -183,7 +179,6 @@ class ExternalTransport:
 
     async def stop(self) -> None:
         # persist and ack what we have before leaving, so nothing is redelivered needlessly
-        self._release()
         await self.hub.service.flush()
         self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
         if self.client.connected:
@@ -233,12 +228,9 @@ class ExternalTransport:
         self.connected.clear()
         # What was ingested and not acked is acked after the flush as usual: the broker sends
         # it again on the next connection, and the client acks that copy instead of handing
-        # it on twice.
-        if self._held:
-            log.warning("dropped %d offline message(s) that came just before the broker link "
-                        "went down (a broker shutdown sends every will)", len(self._held))
-            self.wills_dropped += len(self._held)
-            self._held = []
+        # it on twice. Wills that came just before (a broker shutdown sends every client's
+        # will, then drops the hub) are the engine's to judge: link_down voids those still in
+        # their grace.
         self.hub.service.link_down()
 
     def _on_oversize(self, topic: str, size: int, mid: int, qos: int) -> None:
@@ -249,7 +241,6 @@ class ExternalTransport:
         batch: list[tuple[str, bytes]] = []
         acks = self._unacked
         gen = self.client.generation
-        hold = self.will_hold_ms > 0
         ack_now: list[tuple[int, int]] = []
         for topic, payload, mid, qos in received:
             if qos:
@@ -258,9 +249,6 @@ class ExternalTransport:
                     ack_now.append((mid, qos))
                 else:
                     acks.append((mid, qos, gen))
-            if hold and topic.endswith("/conn") and b'"offline"' in payload:
-                self._hold(topic, payload)
-                continue
             batch.append((topic, payload))
         if batch:
             self.ingested += len(batch)
@@ -271,25 +259,6 @@ class ExternalTransport:
             # the broker stops sending QoS 1 at its in-flight limit (Mosquitto: 20) until we
             # ack: flush now rather than at the next period so they do not stall
             self.hub.service.request_flush()
-
-    def _hold(self, topic: str, payload: bytes) -> None:
-        """Keep an offline ``conn`` back for ``will_hold_ms``.
-
-        A broker that shuts down (a Mosquitto restart) sends every client's will and then
-        drops the hub, within a millisecond (measured: 0.5 ms with 20 clients). Held wills are
-        dropped when the hub's own link goes down in the meantime, so a broker restart does not
-        flap every user offline; the devices reconnect with new sessions and the hub gives
-        them a heartbeat timeout of grace. Otherwise they are applied, a few ms late.
-        """
-        self._held.append((topic, payload))
-        if len(self._held) == 1:
-            self.loop.call_later(self.will_hold_ms / 1000, self._release)
-
-    def _release(self) -> None:
-        held, self._held = self._held, []
-        if held:
-            self.ingested += len(held)
-            self.hub.service.ingest(held)
 
     def before_flush(self) -> None:
         """What was ingested until now goes into the flush that starts now."""
