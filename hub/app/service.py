@@ -56,7 +56,7 @@ from hub.protocol import (
     decode_payload,
     validate_id,
 )
-from hub.stores import MemoryStore, Store
+from hub.stores import MemoryStore, Store, StoreError, StoreErrorLog
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ class PresenceService:
         self._link_down = False
         self._flush_requested = False
         self._wall_offset = 0
+        self._flushing: asyncio.Future[None] | None = None
+        self._flush_again = False
+        self._store_errors = StoreErrorLog(log)
         #: callers of durable() waiting for the next flush that starts after their call
         self._durable_waiters: list[asyncio.Future[None]] = []
 
@@ -176,8 +179,20 @@ class PresenceService:
         self._wake = asyncio.Event()
         self._runner = asyncio.create_task(self._run(), name="presence-clock")
         self._started = True
-        for resource in self._resources:
-            await resource.start()
+        started: list[Resource] = []
+        try:
+            for resource in self._resources:
+                await resource.start()
+                started.append(resource)
+        except BaseException:
+            # undo what was started (an in-process user keeps its loop): no clock task left
+            # running, the store closed, state flushed
+            self._resources, kept = started, self._resources
+            try:
+                await self.stop()
+            finally:
+                self._resources = kept
+            raise
         startup, self._startup_events = self._startup_events, []
         for eff in startup:  # status changes found at load reach P/events too
             for sink in self._sinks:
@@ -291,13 +306,37 @@ class PresenceService:
                     if self._limiter is not None:
                         self._limiter.sweep(now)
                     self._request_limiter.sweep(now)
-                    await self.flush()
+                    self._flush_in_background()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # the clock must keep running: a store outage is retried on the next flush
                 log.exception("presence clock step failed; retrying")
                 await asyncio.sleep(min(1.0, interval / 1000))
+
+    def _flush_in_background(self) -> None:
+        """Start a flush unless one is running. The clock task never waits on the store: a
+        stalled Redis or a full disk must not stop timers (a dead device still goes offline)
+        nor ingest; only the acknowledgements and answers that wait for durability wait."""
+        if self._flushing is not None and not self._flushing.done():
+            self._flush_again = True
+            return
+        self._flushing = asyncio.ensure_future(self.flush())
+        self._flushing.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._store_errors.recovered()
+        elif isinstance(exc, StoreError):
+            self._store_errors.failed(exc)  # one line per outage and minute, no traceback
+        else:
+            log.error("writing to the store failed; retrying", exc_info=exc)
+        if self._flush_again:  # asked for while this one ran: what came since goes now
+            self._flush_again = False
+            self.request_flush()
 
     def _now(self) -> int:
         """The timer clock's ``now`` for the engine, telling it how far the wall clock leads
