@@ -305,10 +305,12 @@ def test_grants_of_each_role(accounts: Path) -> None:
     assert not dev.may_publish("presence/devices/alice/phone/conn/x")
     assert not dev.may_publish("presence/users/alice/status")
     for topic in ("presence/users/alice/state", "presence/events/alice",
-                  "presence/replies/alice/phone", "presence/hub/status"):
+                  "presence/replies/alice/phone", "presence/hub/status",
+                  "presence/devices/alice/phone/conn"):  # its own births: a second agent?
         assert dev.may_receive(topic), topic
     for topic in ("presence/users/bob/state", "presence/events/bob",
-                  "presence/replies/alice/laptop", "presence/devices/alice/phone/conn"):
+                  "presence/replies/alice/laptop", "presence/devices/alice/laptop/conn",
+                  "presence/devices/alice/phone/activity"):
         assert not dev.may_receive(topic), topic
     assert dev.may_subscribe("presence/users/alice/+")
     assert not dev.may_subscribe("presence/users/+/status")

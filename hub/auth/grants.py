@@ -78,8 +78,10 @@ def grant_for(account: Account | None, prefix: str) -> Grant:
     return Grant(
         f"device {account.username}",
         publish=(f"{p}/devices/{user}/{device}/+",),
+        # its own conn too: an agent that sees another session's birth there knows a second
+        # agent runs for the same device (and says so); it shows nothing of anyone else
         read=(f"{p}/users/{user}/+", f"{p}/events/{user}", f"{p}/replies/{user}/{device}",
-              f"{p}/hub/status"),
+              f"{p}/hub/status", f"{p}/devices/{user}/{device}/conn"),
     )
 
 
