@@ -21,6 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.broker import BrokerError, DeliveryLimits, EmbeddedBroker
+from hub.broker.connection import Message, Outbox
 from tests.support.wait import async_wait_for
 
 
@@ -775,6 +776,59 @@ async def test_unacknowledged_messages_are_sent_again_when_a_persistent_session_
         await loop.sock_sendall(second, b"\x40\x02" + packet_id)
         await broker.publish("r/y", b"next", qos=0)
         assert await _read_packet(loop, second) == (0x30, struct.pack("!H", 3) + b"r/ynext")
+
+
+async def test_qos2_delivery_completes_its_four_packet_exchange(
+    broker: EmbeddedBroker, new_client: Any
+) -> None:
+    watcher = await new_client().connect()
+    await watcher.subscribe("q2/#", qos=2)
+    sender = await new_client().connect()
+    for n in range(3):
+        sender.publish(f"q2/{n}", b"exactly once", qos=2)
+    await async_wait_for(lambda: len(watcher.received) == 3, what="three QoS 2 messages")
+    assert {m[2] for m in watcher.received} == {2}
+    amqtt_broker = broker._broker
+    assert amqtt_broker is not None
+    session = amqtt_broker.sessions[watcher.client_id][0]
+    await async_wait_for(lambda: session.hub_outbox.settled, what="PUBCOMP for each")
+
+
+def test_a_full_outbox_drops_qos0_first_and_its_window_bounds_what_is_in_flight() -> None:
+    box = Outbox(DeliveryLimits(max_queued=3, max_inflight=2))
+
+    def message(payload: bytes, qos: int) -> Message:
+        return Message(b"t", payload, qos, False)
+
+    for payload, qos in ((b"0", 0), (b"1", 1), (b"2", 0)):
+        assert box.offer(message(payload, qos))
+    assert box.offer(message(b"3", 1))  # full: the oldest QoS 0 ("0") makes room
+    assert not box.offer(message(b"4", 0))  # full: a QoS 0 message is dropped itself
+    assert box.offer(message(b"5", 1))  # "2" makes room
+    assert not box.offer(message(b"6", 1))  # only QoS 1 left: the new one is dropped
+    assert box.dropped == 4 and box.queued == 3
+
+    first, second = box.take(), box.take()
+    assert first is not None and second is not None
+    assert (first.data, first.packet_id, second.data, second.packet_id) == (b"1", 1, b"3", 2)
+    assert box.take() is None  # two in flight: the window is full
+    assert box.acknowledged(1) and not box.acknowledged(1)
+    third = box.take()
+    assert third is not None and (third.data, third.packet_id) == (b"5", 3)
+    assert [m.data for m in box.unacknowledged()] == [b"3", b"5"]
+    assert box.acknowledged(2) and box.acknowledged(3) and box.settled
+
+
+def test_a_released_qos2_message_is_sent_again_as_pubrel() -> None:
+    box = Outbox(DeliveryLimits())
+    sent = Message(b"a/b", b"x", 2, True)
+    assert box.admit(sent)
+    assert sent.encode() == b"\x35\x08\x00\x03a/b\x00\x01x"
+    sent.sent = True
+    assert sent.encode() == b"\x3d\x08\x00\x03a/b\x00\x01x"  # again: DUP set
+    assert box.received(1) is sent
+    assert sent.encode() == b"\x62\x02\x00\x01"  # PUBREL from now on
+    assert box.acknowledged(1) and box.settled
 
 
 # ---------------------------------------------------------------------------------------------

@@ -477,7 +477,7 @@ async def test_subscribers_that_never_read_cost_a_bounded_queue_and_one_log_line
     # A task per stuck connection that waits for its socket, not one per message.
     await async_wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before + len(stuck),
                          what=f"at most {len(stuck)} tasks more than before the flood")
-    queued = [len(outbox.queue) for outbox in _outboxes(inproc.broker, "stuck-")]
+    queued = [outbox.queued for outbox in _outboxes(inproc.broker, "stuck-")]
     assert queued == [limit] * len(stuck)
     # One line per stuck client, and nothing worse logged.
     for n in range(len(stuck)):
