@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck bench clean
+.PHONY: run test check lint typecheck bench truth faults clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,19 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# About two minutes: a fleet under handovers, takeovers, sleeps, a hub SIGKILL and a Mosquitto
+# restart; prints the false status changes (goal 0) and the will-to-offline latency.
+truth: $(STAMP)
+	$(BIN)/python -m bench.truth
+
+# The fault matrix on its own (it is part of `make test` too), one line per case.
+FAULTS := tests/test_fault_matrix.py tests/test_external_faults.py tests/test_embedded_faults.py \
+	tests/test_store_faults.py tests/test_store_outage.py tests/test_flaps.py \
+	tests/test_durable_commands.py tests/test_mosquitto_export.py tests/test_cli_accounts.py \
+	tests/test_hub_mqtt.py
+faults: $(STAMP)
+	$(BIN)/python -m pytest -v $(FAULTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

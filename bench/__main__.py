@@ -39,7 +39,7 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("steady CPU < 60% of a core", "steady_cpu", "<", 0.6, ""),
     ("RSS per device <= 1 KiB", "steady_rss_per_device_b", "<=", 1024, " B"),
     ("storm p99 <= 1 s past deadline", "storm_p99_s", "<=", 1.0, " s"),
-    ("will latency p99 <= 50 ms", "will_p99_ms", "<=", 50.0, " ms"),
+    ("will latency past the grace p99 <= 50 ms", "will_p99_ms", "<=", 50.0, " ms"),
     ("restart ready+republished <= 10 s", "restart_republished_s", "<=", 10.0, " s"),
     ("embedded holds >= 10k devices", "embedded_max_devices", ">=", 10_000, ""),
 )
@@ -228,11 +228,11 @@ def _table(f: dict[str, float], cfg: dict[str, Any], log: Callable[[str], None])
             f"now {_fmt(f.get('steady_rss_mb' + sfx, math.nan))} MB")
         row(f"steady {int(n):,} dev: all up after (s)", "steady_births_s" + sfx,
             "implicit births through the hub")
-        row("will latency p50 (ms)", "will_p50_ms" + sfx,
+        row("will past grace p50 (ms)", "will_p50_ms" + sfx,
             f"socket RST -> retained offline state; the will alone reached a subscriber in "
             f"{_fmt(f.get('will_broker_p50_ms' + sfx, math.nan))} ms")
-        row("will latency p99 (ms)", "will_p99_ms" + sfx,
-            f"max {_fmt(f.get('will_max_ms' + sfx, math.nan))} ms; includes the 25 ms hold")
+        row("will past grace p99 (ms)", "will_p99_ms" + sfx,
+            f"max {_fmt(f.get('will_max_ms' + sfx, math.nan))} ms past the 1 s will grace")
     row("restart: ready (s)", "restart_ready_s",
         f"{_fmt(f.get('restart_devices', 0))} devices in TinyDB "
         f"({_fmt(f.get('restart_db_mb', math.nan))} MB)")
