@@ -653,6 +653,21 @@ async def test_puback_waits_while_the_hub_holds_it(
     assert broker.take_held_acks() == []
 
 
+async def test_a_stopping_hub_takes_no_more_messages_and_acknowledges_none(
+    broker: EmbeddedBroker, recorder: Recorder, new_client: Any
+) -> None:
+    # Taken after the hub's last flush, a message would be acted on but never acknowledged:
+    # its client would send it again to the next hub, a duplicate.
+    device = await new_client().connect()
+    await device.subscribe("x/#")
+    broker.stop_taking_messages()
+    sent = device.paho.publish("x/1", b"late", qos=1)
+    # its own copy comes back on the same socket after any PUBACK would have
+    await async_wait_for(lambda: device.got("x/1"), what="the message back at its sender")
+    assert not sent.is_published()
+    assert recorder.messages == []
+
+
 async def test_delivery_qos_is_the_lower_of_publish_and_subscription(
     broker: EmbeddedBroker, recorder: Recorder, new_client: Any
 ) -> None:

@@ -6,8 +6,9 @@ send, and the hub publishes straight into the broker, so no socket, client loop 
 round trip sits between them.
 
 Read against amqtt 0.12.1 (:data:`AMQTT_VERSION`), and only that: the broker below, the
-connection handler (hub/broker/connection.py) and the CONNECT reader (hub/broker/session.py)
-override or redo 20-odd of amqtt's methods, most of them private, and another version may no
+connection handler (hub/broker/connection.py) and the session and CONNECT reader
+(hub/broker/session.py) override 30 of amqtt's methods (18 of them private), redo one
+(``init_from_connect``) and replace two of its internal dicts, and another version may no
 longer call them, or call them with other arguments, without any error. pyproject.toml pins
 amqtt to exactly this version, and :meth:`EmbeddedBroker.start` refuses any other with one line
 saying so (:func:`check_amqtt_version`). Moving to a new amqtt means reading each override
@@ -1026,15 +1027,24 @@ class EmbeddedBroker:
         log.info("embedded MQTT broker listening on %s%s; %s", self.url, tls,
                  self.policy.describe())
 
+    def stop_taking_messages(self) -> None:
+        """The hub is stopping: take no more client messages (nor wills, nor connections).
+
+        A message taken now would be acted on by the hub's last flush but never acknowledged
+        (the broker stops first), so its client would send it again to the next hub: a
+        duplicate. Left unacknowledged and untaken, it is sent again exactly once.
+        """
+        self._stopping = True
+
     async def stop(self) -> None:
         """Close every connection and the listener. No wills are reported while stopping."""
         if self._broker is None:
             return
+        self.stop_taking_messages()
         if self._outbox:  # what the hub queued before stopping still goes out
             await self._drained.wait()
         await self._settle(self._broker)
         broker, self._broker = self._broker, None
-        self._stopping = True
         # Abort connections first: amqtt's shutdown closes each politely, which waits on the
         # send buffer of clients that may be long gone.
         for writer in list(broker.connecting):

@@ -83,7 +83,9 @@ class EmbeddedTransport:
         self.hub.republish_all()
 
     async def stop(self) -> None:
-        # persist and acknowledge what has arrived, so clients need not send it again
+        # persist and acknowledge what has arrived, so clients need not send it again; what
+        # comes after stays unacknowledged, for the next hub
+        self.broker.stop_taking_messages()
         try:
             await self.hub.service.flush()
         except Exception:  # the service's own final flush retries; the broker must still stop
