@@ -246,8 +246,6 @@ class PresenceService:
         """Who answers ``req`` messages (the hub's command handler, wired by the MQTT side)."""
         self._request_handler = handler
 
-    # ------------------------------------------------------------------ the clock task
-
     # ------------------------------------------------------------------ broker link
 
     def link_down(self) -> None:
@@ -265,6 +263,8 @@ class PresenceService:
             log.info("broker link up: devices have %d ms to be heard again",
                      self.config.engine.timeout_ms)
             self._poke()
+
+    # ------------------------------------------------------------------ the clock task
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -378,9 +378,9 @@ class PresenceService:
 
         A chat command answers only after its change is persisted (a SIGKILL right after an
         ``ok`` must not lose it). The caller rides on the clock task's next flush (asked for
-        at once), so many commands share one store write. False when ``timeout`` seconds pass
-        first (``within`` seconds: the store is failing): the change stays applied and is
-        written when the store is back.
+        at once), so many commands share one store write. False when ``within`` seconds pass
+        first (the store is failing): the change stays applied and is written when the store
+        is back.
         """
         if not self._started or self._runner is None:
             await self.flush()
