@@ -458,13 +458,13 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
             self._drainer = None
         self.pump()
 
-    def handle_puback(self, puback: Any) -> Coroutine[Any, Any, None]:
-        return self._acked(puback.variable_header.packet_id)
+    async def handle_puback(self, puback: Any) -> None:
+        self._acked(puback.variable_header.packet_id)
 
-    def handle_pubcomp(self, pubcomp: Any) -> Coroutine[Any, Any, None]:
-        return self._acked(pubcomp.packet_id)
+    async def handle_pubcomp(self, pubcomp: Any) -> None:
+        self._acked(pubcomp.packet_id)
 
-    async def _acked(self, packet_id: int) -> None:
+    def _acked(self, packet_id: int) -> None:
         # amqtt looks for a task waiting on this id; ours are in the outbox, and an id we do not
         # know (a late ack of a previous connection) is ignored, as MQTT allows
         if self.session is not None and self._outbox_of(self.session).acknowledged(packet_id):
