@@ -83,6 +83,12 @@ class PersistentMosquitto(Mosquitto):
 
 
 @dataclass(eq=False)
+def _retire(c: mqtt.Client) -> None:
+    """Stop a client's network thread without waiting here: joining it takes up to a second,
+    and the scheduler's thread must keep every other device's heartbeats on time."""
+    threading.Thread(target=c.loop_stop, daemon=True).start()
+
+
 class Device:
     """One device as an agent would run it: a session and a client id of its own per connection
     (``legacy`` devices reuse one client id), a will per session, a birth that announces."""
@@ -129,7 +135,7 @@ class Device:
     def _on_disconnect(self, c: mqtt.Client, *_a: Any) -> None:
         if self.wanted and self.alive and c is self.client:
             self.client = None
-            c.loop_stop()  # no paho auto-reconnect under the old client id and session
+            _retire(c)  # no paho auto-reconnect under the old client id and session
             self.on_lost()  # an agent reconnects with a new session: the scheduler does it
 
     def heartbeat(self) -> None:
@@ -152,14 +158,14 @@ class Device:
             died = time.time()
             sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        c.loop_stop()
+        _retire(c)
         return died
 
     def freeze(self) -> mqtt.Client | None:
         """Stop talking, socket left open (a takeover follows)."""
         c, self.client = self.client, None
         if c is not None:
-            c.loop_stop()
+            _retire(c)
         return c
 
     def sleep(self, ms: int) -> None:

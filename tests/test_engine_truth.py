@@ -431,3 +431,16 @@ def test_wills_queued_over_a_broker_restart_wait_for_the_devices_to_come_back(
     # once heard, a will takes the usual grace
     engine.handle(DeviceOffline("u", "phone", "s2", "lost"), T0 + 61_000)
     assert events(engine.tick(T0 + 61_000 + GRACE))[0] == ("statusChange", "online", "offline")
+
+
+def test_the_birth_after_a_heartbeat_that_stood_in_for_it_brings_its_interval(
+    engine: Engine,
+) -> None:
+    """After a hub restart the heartbeat of a new session may come before its birth: the birth
+    that follows still announces the device's own interval."""
+    engine.handle(Heartbeat("u", "meter", "s1"), T0)  # an implicit birth: the hub's timeout
+    engine.handle(Birth("u", "meter", "s1", heartbeat_ms=120_000, ts=5), T0 + 10)
+    fx = engine.tick(T0 + 2 * TIMEOUT)
+    assert [e for e in fx if isinstance(e, DeviceTimedOut)] == []
+    fx = engine.tick(T0 + 10 + 300_000)
+    assert [e.device_id for e in fx if isinstance(e, DeviceTimedOut)] == ["meter"]

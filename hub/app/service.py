@@ -48,12 +48,14 @@ from hub.process import gc_paused
 from hub.protocol import (
     ID_FIELD_PATTERN,
     MAX_PAYLOAD_BYTES,
+    BadRequest,
     DeviceMessage,
     DeviceTopic,
     Rejection,
     Topics,
     UserStatePayload,
     decode_payload,
+    request_id,
     validate_id,
 )
 from hub.stores import MemoryStore, Store, StoreError, StoreErrorLog
@@ -150,7 +152,7 @@ class PresenceService:
         self._started = False
         self._loaded = False
         self._flush_lock = asyncio.Lock()
-        self._request_handler: Callable[[DeviceMessage], Awaitable[None]] | None = None
+        self._request_handler: Callable[[DeviceMessage | BadRequest], Awaitable[None]] | None = None
         self._resources: list[Resource] = []  # owned, started after load, stopped first
         self._link_down = False
         self._flush_requested = False
@@ -242,7 +244,8 @@ class PresenceService:
         if sink in self._sinks:
             self._sinks.remove(sink)
 
-    def set_request_handler(self, handler: Callable[[DeviceMessage], Awaitable[None]]) -> None:
+    def set_request_handler(
+            self, handler: Callable[[DeviceMessage | BadRequest], Awaitable[None]]) -> None:
         """Who answers ``req`` messages (the hub's command handler, wired by the MQTT side)."""
         self._request_handler = handler
 
@@ -523,6 +526,10 @@ class PresenceService:
             if type(msg) is Rejection:
                 rejected += 1
                 self._reject(msg, now)
+                if where.kind == "req":  # answer what can be answered: no caller left waiting
+                    rid = request_id(payload)
+                    if rid is not None:
+                        self._request(BadRequest(where.user, where.device, rid, msg.detail))
                 continue
             assert isinstance(msg, DeviceMessage)
             if msg.kind == "req":
@@ -560,7 +567,7 @@ class PresenceService:
         log.warning("dropped message: %s%s", why, more)
         self._last_reject_log[why.reason] = (now, 0)
 
-    def _request(self, msg: DeviceMessage) -> None:
+    def _request(self, msg: DeviceMessage | BadRequest) -> None:
         if self._request_handler is None:
             self._reject(Rejection("no_handler", "request received but no command handler"),
                          self.clock.now())

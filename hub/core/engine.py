@@ -561,6 +561,11 @@ class Engine:
             if d.ended:
                 self.counters["stale_session"] += 1
                 return
+            if ev.heartbeat_ms is not None:
+                # the birth after a heartbeat that stood in for it: its interval counts
+                d.timeout = min(ev.heartbeat_ms * 5 // 2, self._max_timeout)
+                d.born_ts = ev.ts if ev.ts is not None else d.born_ts
+                self._schedule(d, now)
             if ev.name and ev.name[:128] != d.name:
                 # the birth came after a heartbeat that stood in for it: take its name
                 d.name = sys.intern(ev.name[:128])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent
 from hub.mqtt.transport import CommandRunner, HubService, Transport
 from hub.protocol import (
+    BadRequest,
     DeviceMessage,
     ReplyPayload,
     RequestPayload,
@@ -148,7 +149,11 @@ class MqttHub:
 
     # ------------------------------------------------------------------ requests
 
-    async def _serve_request(self, msg: DeviceMessage) -> None:
+    async def _serve_request(self, msg: DeviceMessage | BadRequest) -> None:
+        if isinstance(msg, BadRequest):
+            bad = ReplyPayload(id=msg.id, ok=False, text=f"bad request: {msg.why}")
+            self._publish(self.topics.reply(msg.user, msg.device), bad.to_json(), 1, False)
+            return
         body = msg.body
         assert isinstance(body, RequestPayload)
         try:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from hub.core.engine import Engine
 from hub.core.events import DeviceTimedOut, Sink
-from hub.protocol import DeviceMessage, Topics
+from hub.protocol import BadRequest, DeviceMessage, Topics
 
 
 class Transport(Protocol):
@@ -76,7 +76,8 @@ class HubService(Protocol):
 
     def remove_sink(self, sink: Sink) -> None: ...
 
-    def set_request_handler(self, handler: Callable[[DeviceMessage], Awaitable[None]]) -> None: ...
+    def set_request_handler(
+            self, handler: Callable[[DeviceMessage | BadRequest], Awaitable[None]]) -> None: ...
 
 
 class CommandReply(Protocol):

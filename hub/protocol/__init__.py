@@ -48,12 +48,14 @@ from hub.protocol.payloads import (
 )
 from hub.protocol.topics import (
     USER_TOPIC_KINDS,
+    BadRequest,
     DeviceMessage,
     DeviceTopic,
     Rejection,
     Topics,
     UserTopicKind,
     decode_payload,
+    request_id,
 )
 from hub.protocol.urls import BrokerURL, InvalidURL, redact_url
 
@@ -70,6 +72,7 @@ __all__ = [
     "USER_TOPIC_KINDS",
     "AckPayload",
     "ActivityPayload",
+    "BadRequest",
     "BrokerURL",
     "ConnPayload",
     "DeviceEntry",
@@ -99,6 +102,7 @@ __all__ = [
     "new_session_id",
     "parse_duration_ms",
     "redact_url",
+    "request_id",
     "text_payload",
     "validate_id",
     "validate_prefix",

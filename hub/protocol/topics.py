@@ -7,6 +7,7 @@ touching any state.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
@@ -43,6 +44,27 @@ class DeviceTopic:
     user: str
     device: str
     kind: DeviceKind
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A ``req`` whose payload was refused but whose ``id`` could be read: the requester gets an
+    error reply instead of waiting out its timeout."""
+
+    user: str
+    device: str
+    id: str
+    why: str
+
+
+def request_id(payload: bytes) -> str | None:
+    """The valid ``id`` of a refused request payload, if one can be read at all."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if is_valid_id(rid) else None
 
 
 @dataclass(frozen=True, slots=True)

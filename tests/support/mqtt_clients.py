@@ -225,14 +225,15 @@ class SimDevice(MqttClient):
     def topic(self, kind: str) -> str:
         return self.topics.device(self.user, self.device, kind)  # type: ignore[arg-type]
 
-    def online(self, session: str | None = None) -> SimDevice:
-        """Connect with a fresh session and its will, then publish the birth."""
+    def online(self, session: str | None = None, **birth: Any) -> SimDevice:
+        """Connect with a fresh session and its will, then publish the birth (with ``birth``'s
+        optional fields: ``heartbeat_ms``, ``idle_ms``)."""
         self.session = session or new_session_id()
         will = ConnPayload(state="offline", session=self.session, reason="lost").to_json()
         self.paho.will_set(self.topic("conn"), will, qos=1, retain=True)
         self.connect()
         birth = ConnPayload(state="online", session=self.session, name=self.name,
-                            ts=int(time.time() * 1000))
+                            ts=int(time.time() * 1000), **birth)
         self.publish(self.topic("conn"), birth.to_json(), qos=1, retain=True)
         return self
 
