@@ -82,13 +82,13 @@ class PersistentMosquitto(Mosquitto):
         self.start()
 
 
-@dataclass(eq=False)
 def _retire(c: mqtt.Client) -> None:
     """Stop a client's network thread without waiting here: joining it takes up to a second,
     and the scheduler's thread must keep every other device's heartbeats on time."""
     threading.Thread(target=c.loop_stop, daemon=True).start()
 
 
+@dataclass(eq=False)
 class Device:
     """One device as an agent would run it: a session and a client id of its own per connection
     (``legacy`` devices reuse one client id), a will per session, a birth that announces."""
