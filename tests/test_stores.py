@@ -282,6 +282,18 @@ async def test_activity_is_newest_first_with_limit_and_since(store: Store) -> No
     assert await store.get_activity("bob") == [activity(9)]
 
 
+async def test_activity_is_ordered_by_timestamp_not_arrival(store: Store) -> None:
+    """Replayed from an outbox, older activity arrives after newer: the log (and ``since``,
+    which filters by timestamp) go by the entries' own times."""
+    await store.append_activity("alice", [activity(5, received_at=2000)], now=2000)
+    await store.append_activity("alice", [activity(2, received_at=2001),
+                                          activity(3, received_at=2001)], now=2001)
+    assert await store.get_activity("alice") == [
+        activity(5, received_at=2000), activity(3, received_at=2001), activity(2, received_at=2001)]
+    assert await store.get_activity("alice", limit=2, since=1003) == [
+        activity(5, received_at=2000), activity(3, received_at=2001)]
+
+
 async def test_activity_keeps_at_most_the_count_limit(store: Store) -> None:
     for n in range(8):
         await store.append_activity("alice", [activity(n)], now=1000 + n)

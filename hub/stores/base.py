@@ -101,17 +101,25 @@ class Store(Protocol):
         """Newest first; ``since`` keeps entries whose ``timestamp`` >= since."""
 
 
-def select_activity(
-    newest_first: Iterable[Activity], limit: int | None, since: int | None
-) -> list[Activity]:
-    """Apply ``limit``/``since`` to an iterable of entries already ordered newest first.
+def _by_time(entry: Activity) -> int:
+    return entry.timestamp
 
-    Shared by every store so the query means the same everywhere.
+
+def select_activity(
+    entries: Iterable[Activity], limit: int | None, since: int | None
+) -> list[Activity]:
+    """Apply ``limit``/``since`` to a user's log, newest first by timestamp.
+
+    Shared by every store so the query means the same everywhere. ``since`` filters by the
+    entries' timestamps, so the order is by timestamp too (activity replayed from an outbox
+    arrives late with its own, older time); entries with the same timestamp keep the order
+    they are given in (stores give theirs newest arrival first). A log is bounded (1,000
+    entries by default), so sorting it per query is cheap.
     """
     out: list[Activity] = []
     if limit is not None and limit <= 0:
         return out
-    for entry in newest_first:
+    for entry in sorted(entries, key=_by_time, reverse=True):
         if since is not None and entry.timestamp < since:
             continue
         out.append(entry)

@@ -452,15 +452,14 @@ class RedisStore:
             return []
         client = self.client
         key = self.activity_key(user_id)
-        page = _PAGE if limit is None else max(1, min(limit, _PAGE))
-        selected: list[Activity] = []
+        # the whole (bounded) log: the order is by timestamp, which arrival order is not
+        entries: list[Activity] = []
         upper = "+"
         while True:
-            rows: list[Any] = await client.xrevrange(key, max=upper, min="-", count=page) or []
-            wanted = None if limit is None else limit - len(selected)
-            selected += select_activity(self._decode(user_id, rows), wanted, since)
-            if len(rows) < page or (limit is not None and len(selected) >= limit):
-                return selected
+            rows: list[Any] = await client.xrevrange(key, max=upper, min="-", count=_PAGE) or []
+            entries += self._decode(user_id, rows)
+            if len(rows) < _PAGE:
+                return select_activity(entries, limit, since)
             upper = f"({_text(rows[-1][0])}"
 
     def _decode(self, user_id: str, rows: Iterable[Any]) -> Iterable[Activity]:
