@@ -361,7 +361,7 @@ def test_request_returns_the_hubs_reply_for_its_own_id(
         assert agent.wait_connected(10)
         reply = wait_for(lambda: _who(agent), what="the hub to list the agent's user")
         assert reply.ok and USER in reply.text
-        assert [u["user_id"] for u in reply.data["users"]] == [USER]
+        assert [u["userId"] for u in reply.data["users"]] == [USER]
         assert agent.request("/presence bogus", timeout=5).ok is False
 
 

@@ -272,7 +272,7 @@ def test_agent_and_presence_with_the_real_hub(
         wait_for(lambda: statuses[-1:] == ["dnd"], what="dnd set through the hub reaches the agent")
         who = wait_for(lambda: presence.json("who", "telegram-cmd-agent")["users"],
                        what="the activity reached the hub", interval=ASK_EVERY)
-        assert [u["user_id"] for u in who] == [user]
+        assert [u["userId"] for u in who] == [user]
         assert presence("sync")[0] == 0
         # other programs read the user's state from the file while the agent runs (after its
         # clean stop the hub may already say offline: its only device is gone)
@@ -298,7 +298,7 @@ def test_every_subcommand_against_the_real_hub(
         # presence: your own status
         assert presence() == (0, f"{user}: online (primary: {DEVICE})\n", "")
         me = presence.json()
-        assert (me["user_id"], me["status"], me["custom_status"], me["active_device"]) == (
+        assert (me["userId"], me["status"], me["customStatus"], me["activeDevice"]) == (
             user, "online", None, DEVICE)
 
         # activity --limit N --since 1h
@@ -316,7 +316,7 @@ def test_every_subcommand_against_the_real_hub(
         assert lines[0].split() == ["WHEN", "TYPE", "CHANNEL", "DEVICE"]
         assert lines[1].split()[-3:] == ["reaction", chan, DEVICE]
         entries = presence.json("activity", "--limit", "5", "--since", "1h")
-        assert [(e["type"], e["channel_id"], e["device_id"]) for e in entries] == [
+        assert [(e["type"], e["channelId"], e["deviceId"]) for e in entries] == [
             ("reaction", chan, DEVICE), ("message", chan, DEVICE)]
         assert entries[0]["data"] == {"emoji": "+1"}
 
@@ -324,10 +324,10 @@ def test_every_subcommand_against_the_real_hub(
         code, out, err = presence("who")
         assert code == 0 and err == "" and re.match(r"\d+ online:\n", out), out
         assert re.search(rf"^{user} +online +{DEVICE}\s*$", out, re.M), out
-        assert user in [u["user_id"] for u in presence.json("who")["users"]]
+        assert user in [u["userId"] for u in presence.json("who")["users"]]
         code, out, err = presence("who", chan)
         assert (code, err) == (0, "") and out.startswith(f"1 online on {chan}:\n"), out
-        assert [u["user_id"] for u in presence.json("who", chan)["users"]] == [user]
+        assert [u["userId"] for u in presence.json("who", chan)["users"]] == [user]
         assert presence("who", "tg-nobody-here") == (0, "nobody is online on tg-nobody-here\n", "")
         assert presence.json("who", "tg-nobody-here") == {"users": [], "next": None}
 
@@ -336,7 +336,7 @@ def test_every_subcommand_against_the_real_hub(
         assert presence.json("away")["status"] == "away"
         assert presence("offline") == (
             0, "status set to offline (invisible: others see you offline)\n", "")
-        assert user not in [u["user_id"] for u in presence.json("who")["users"]]
+        assert user not in [u["userId"] for u in presence.json("who")["users"]]
         assert presence("online") == (0, "status set to online\n", "")
         wait_for(lambda: statuses[1:] == ["dnd", "away", "offline", "online"],
                  what="every status change reached the agent")
@@ -347,9 +347,9 @@ def test_every_subcommand_against_the_real_hub(
         assert presence() == (0, f'{user}: online "In a meeting" (primary: {DEVICE})\n', "")
         wait_for(lambda: agent.state is not None and agent.state.custom_status == "In a meeting",
                  what="the custom status reached the agent")
-        assert presence.json("status", "Lunch")["custom_status"] == "Lunch"
+        assert presence.json("status", "Lunch")["customStatus"] == "Lunch"
         assert presence("status", "--clear") == (0, "custom status cleared\n", "")
-        assert presence.json("status", "--clear")["custom_status"] is None
+        assert presence.json("status", "--clear")["customStatus"] is None
 
         # devices, devices remove ID: two more devices that come and go cleanly
         def phone(device: str, name: str) -> PresenceAgent:
@@ -377,7 +377,7 @@ def test_every_subcommand_against_the_real_hub(
         assert re.match(r"  old-phone +Old phone +offline ", lines[2]), out
         assert re.match(r"  tablet +Tablet +offline ", lines[3]), out
         listed = presence.json("devices")
-        assert [(d["id"], d["name"], d["is_active"]) for d in listed] == [
+        assert [(d["id"], d["name"], d["isActive"]) for d in listed] == [
             (DEVICE, "Alice's laptop", True), ("old-phone", "Old phone", False),
             ("tablet", "Tablet", False)]
         assert presence("devices", "remove", "old-phone") == (0, "device old-phone removed\n", "")
@@ -424,7 +424,7 @@ def test_the_installed_command_exit_status_and_one_line_errors(
     assert (done.returncode, done.stdout, done.stderr) == (
         0, 'custom status set to "On call"\n', "")
     done = _shell(*common, "--json")
-    assert done.returncode == 0 and json.loads(done.stdout)["custom_status"] == "On call"
+    assert done.returncode == 0 and json.loads(done.stdout)["customStatus"] == "On call"
 
     for args, status, message in [
         (["who", "a/b"], 2, "invalid channel id 'a/b'"),          # refused before sending

@@ -53,7 +53,7 @@ def test_an_answered_command_survives_a_sigkill(hub_url: tuple[HubProcess, str])
     hub.kill()  # at once: no flush period has passed, no clean stop
     hub.start()
     me = wait_for(lambda: ask(url, "/presence"), timeout=15, what="the restarted hub to answer")
-    assert me.data["custom_status"] == "In a meeting"
+    assert me.data["customStatus"] == "In a meeting"
     # and the next change publishes a version above the one already answered
     second = ask(url, "/presence dnd")
     assert second.ok and second.data["version"] > first.data["version"]

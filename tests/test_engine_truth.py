@@ -372,10 +372,10 @@ async def test_who_pages_through_the_chat_command() -> None:
         for i in range(7):
             await p.set_status(f"user{i}", "online")
         first = await run_command(p, "user0", "/presence who --limit 3")
-        assert [u["user_id"] for u in first.data["users"]] == ["user0", "user1", "user2"]
+        assert [u["userId"] for u in first.data["users"]] == ["user0", "user1", "user2"]
         assert first.data["next"] == "user2" and "--after user2" in first.text
         last = await run_command(p, "user0", "/presence who --limit 5 --after user2")
-        assert [u["user_id"] for u in last.data["users"]] == ["user3", "user4", "user5", "user6"]
+        assert [u["userId"] for u in last.data["users"]] == ["user3", "user4", "user5", "user6"]
         assert last.data["next"] is None
         bad = await run_command(p, "user0", "/presence who --limit 0")
         assert not bad.ok

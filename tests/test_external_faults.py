@@ -163,7 +163,7 @@ def activity(device: SimDevice, channel: str) -> int:
 def channels_logged(world: World, user: str) -> list[str]:
     reply = ask(world, user, "/presence activity --limit 1000")
     assert reply["ok"], reply
-    return [entry["channel_id"] for entry in reply["data"]]
+    return [entry["channelId"] for entry in reply["data"]]
 
 
 # ---------------------------------------------------------------------------- defect 1

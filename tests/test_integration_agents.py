@@ -314,7 +314,7 @@ def test_broker_restart_agent_reconnects_with_a_new_session_and_the_user_does_no
         def online_after_grace() -> bool:
             devices = ask(mosquitto.url, user, "cli", "/presence devices").data
             return any(d["id"] == "laptop" and d["status"] == "online"
-                       and d["last_seen"] >= hub_back + 1_000 for d in devices)
+                       and d["lastSeen"] >= hub_back + 1_000 for d in devices)
 
         wait_for(online_after_grace, 10, "the device online on the hub past the grace",
                  interval=ASK_EVERY)
@@ -365,7 +365,7 @@ def test_activity_recorded_while_the_broker_is_down_reaches_the_hub(
     shown = presence(mosquitto.url, user, "cli", "--json", "activity", "--limit", "5")
     assert shown.returncode == 0, shown.stderr
     entries = json.loads(shown.stdout)
-    assert [(e["type"], e["channel_id"], e["device_id"]) for e in entries] == [
+    assert [(e["type"], e["channelId"], e["deviceId"]) for e in entries] == [
         ("reaction", "telegram-1", "laptop"), ("message", "telegram-1", "laptop")]
     assert all(e["timestamp"] <= recorded_before for e in entries), "recorded, not delivered, time"
     assert entries[0]["data"] == {"emoji": "+1"}

@@ -111,7 +111,7 @@ async def _dispatch(presence: PresenceService, user_id: str, words: list[str]) -
         state = await presence.set_status(user_id, verb)
         note = " (invisible: others see you offline)" if verb == "offline" else ""
         return CommandResult(
-            True, f"status set to {verb}{note}", state.model_dump(mode="json")
+            True, f"status set to {verb}{note}", state.model_dump(mode="json", by_alias=True)
         )
     if verb == "status":
         return await _custom(presence, user_id, args)
@@ -124,7 +124,7 @@ async def _dispatch(presence: PresenceService, user_id: str, words: list[str]) -
         return CommandResult(
             True,
             f"sync: {sync.synced}/{sync.total} devices have version {sync.version}",
-            sync.model_dump(mode="json"),
+            sync.model_dump(mode="json", by_alias=True),
         )
     raise CommandError(f"unknown command {verb!r}; try /presence help")
 
@@ -136,7 +136,7 @@ async def _me(presence: PresenceService, user_id: str) -> CommandResult:
         parts.append(f'"{s.custom_status}"')
     if s.active_device:
         parts.append(f"(primary: {s.active_device})")
-    return CommandResult(True, " ".join(parts), s.model_dump(mode="json"))
+    return CommandResult(True, " ".join(parts), s.model_dump(mode="json", by_alias=True))
 
 
 #: users in one ``who`` page by default, and at most: one request must not hold the loop nor
@@ -165,7 +165,7 @@ async def _who(presence: PresenceService, args: list[str]) -> CommandResult:
     users = users[:opts.limit]
     nxt = users[-1].user_id if more else None
     where = f" on {channel}" if channel else ""
-    data = {"users": [u.model_dump(mode="json") for u in users], "next": nxt}
+    data = {"users": [u.model_dump(mode="json", by_alias=True) for u in users], "next": nxt}
     if not users:
         return CommandResult(True, f"nobody is online{where}", data)
     rows = [
@@ -190,7 +190,7 @@ async def _activity(presence: PresenceService, user_id: str, args: list[str]) ->
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     entries = await presence.get_activity(user_id, limit=opts.limit, since=since)
-    data = [a.model_dump(mode="json") for a in entries]
+    data = [a.model_dump(mode="json", by_alias=True) for a in entries]
     if not entries:
         return CommandResult(True, "no activity", data)
     now = presence.clock.wall()
@@ -212,13 +212,13 @@ async def _custom(presence: PresenceService, user_id: str, args: list[str]) -> C
         if opts.text:
             raise CommandError("use either a text or --clear, not both")
         state = await presence.clear_custom_status(user_id)
-        return CommandResult(True, "custom status cleared", state.model_dump(mode="json"))
+        return CommandResult(True, "custom status cleared", state.model_dump(mode="json", by_alias=True))
     text = " ".join(opts.text).strip()
     if not text:
         raise CommandError('usage: /presence status "In a meeting"  or  /presence status --clear')
     state = await presence.set_custom_status(user_id, text)
     return CommandResult(True, f'custom status set to "{state.custom_status}"',
-                         state.model_dump(mode="json"))
+                         state.model_dump(mode="json", by_alias=True))
 
 
 async def _devices(presence: PresenceService, user_id: str, args: list[str]) -> CommandResult:
@@ -228,7 +228,7 @@ async def _devices(presence: PresenceService, user_id: str, args: list[str]) -> 
         await presence.remove_device(user_id, args[1])
         return CommandResult(True, f"device {args[1]} removed", {"removed": args[1]})
     devices = await presence.get_devices(user_id)
-    data = [d.model_dump(mode="json") for d in devices]
+    data = [d.model_dump(mode="json", by_alias=True) for d in devices]
     if not devices:
         return CommandResult(True, "no devices", data)
     now = presence.clock.wall()

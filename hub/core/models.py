@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from hub.protocol import DeviceStatus, Status
 
@@ -18,7 +19,10 @@ from hub.protocol import DeviceStatus, Status
 
 
 class _ApiModel(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """snake_case in Python; ``model_dump(by_alias=True)`` gives the wire's camelCase (the
+    ``data`` of a reply is a payload like any other)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
 
 
 class UserStatus(_ApiModel):
