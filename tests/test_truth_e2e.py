@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hub.protocol import ConnPayload
+from hub.protocol import ActivityPayload, ConnPayload
 from tests.support.mqtt_clients import MqttClient, SimDevice
 from tests.support.wait import wait_for
 from tests.test_hub_mqtt import HB, World, world  # noqa: F401 - the fixture, both brokers
@@ -99,3 +99,54 @@ def test_a_request_the_hub_cannot_parse_is_answered(world: World) -> None:  # no
         assert (body["id"], body["ok"]) == ("r-bad", False) and "bad request" in body["text"]
     finally:
         c.close()
+
+
+def test_removing_a_device_clears_its_retained_birth(world: World) -> None:  # noqa: F811
+    """Otherwise the next subscriber (the hub itself after a restart) gets the birth again and
+    the removed device comes back."""
+    w = world
+    d = w.device("fred", "old-phone")
+    d.online()
+    d.heartbeat(idle_ms=0)
+    w.watcher.wait_status("fred", "online")
+    d.clean_offline()
+    conn = "presence/devices/fred/old-phone/conn"
+    c = MqttClient(w.host, w.port)
+    c.connect()
+    try:
+        c.subscribe("presence/replies/fred/cli")
+        req = b'{"id":"r-rm","command":"/presence devices remove old-phone"}'
+        c.publish("presence/devices/fred/cli/req", req, qos=1)
+        reply = json.loads(wait_for(lambda: c.last("presence/replies/fred/cli"), what="reply"))
+        assert reply["ok"], reply
+        wait_for(lambda: w.watcher.last(conn) == b"", what="the retained birth cleared")
+    finally:
+        c.close()
+    fresh = MqttClient(w.host, w.port)
+    fresh.connect()
+    try:
+        fresh.subscribe("presence/users/fred/state")
+        wait_for(lambda: fresh.last("presence/users/fred/state"), what="fred's retained state")
+        fresh.subscribe(conn)  # nothing retained there any more: only the state came
+        assert fresh.last(conn) in (None, b"")
+    finally:
+        fresh.close()
+
+
+def test_activity_replayed_late_does_not_move_the_primary(world: World) -> None:  # noqa: F811
+    w = world
+    laptop, phone = w.device("gina", "laptop"), w.device("gina", "phone")
+    laptop.online()
+    phone.online()
+    laptop.heartbeat(idle_ms=0)
+    phone.heartbeat(idle_ms=0)
+    laptop.activity("chat")
+    wait_for(lambda: (w.watcher.state("gina") or {}).get("activeDevice") == "laptop",
+             what="the laptop primary")
+    old = ActivityPayload(type="message", channel_id="chat",
+                          timestamp=int(time.time() * 1000) - 2 * 3_600_000)
+    phone.publish(phone.topic("activity"), old.to_json(), qos=1)  # from its outbox, 2 h late
+    phone.set(customStatus="marker")  # same connection, so handled after the replay
+    wait_for(lambda: (w.watcher.state("gina") or {}).get("customStatus") == "marker",
+             what="the marker")
+    assert (w.watcher.state("gina") or {})["activeDevice"] == "laptop"
