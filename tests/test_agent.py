@@ -46,20 +46,6 @@ CONN_TOPIC = f"presence/devices/{USER}/{DEVICE}/conn"
 
 
 @pytest.fixture
-def watcher(mosquitto: MosquittoProcess) -> Iterator[Watcher]:
-    w = Watcher(mosquitto.host, mosquitto.port)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def proxy(mosquitto: MosquittoProcess) -> Iterator[TcpProxy]:
-    p = TcpProxy(mosquitto.host, mosquitto.port)
-    yield p
-    p.close()
-
-
-@pytest.fixture
 def real_hub(mosquitto: MosquittoProcess, tmp_path: Path) -> Iterator[HubProcess]:
     """The real hub on the same Mosquitto, answering requests with its command handler."""
     workdir = tmp_path / "hub"

@@ -22,13 +22,6 @@ AGENT = [sys.executable, "-m", "device_agent.cli"]
 
 
 @pytest.fixture
-def watcher(mosquitto: MosquittoProcess) -> Iterator[Watcher]:
-    w = Watcher(mosquitto.host, mosquitto.port)
-    yield w
-    w.close()
-
-
-@pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Agent processes started by a test; any still running are killed at teardown."""
     procs: list[subprocess.Popen[bytes]] = []

@@ -17,7 +17,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -43,20 +43,6 @@ pytestmark = pytest.mark.slow
 
 CONN_TOPIC = f"presence/devices/{USER}/{DEVICE}/conn"
 RIVAL_WARNING = "another agent is running as alice/laptop"
-
-
-@pytest.fixture
-def watcher(mosquitto: MosquittoProcess) -> Iterator[Watcher]:
-    w = Watcher(mosquitto.host, mosquitto.port)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def proxy(mosquitto: MosquittoProcess) -> Iterator[TcpProxy]:
-    p = TcpProxy(mosquitto.host, mosquitto.port)
-    yield p
-    p.close()
 
 
 def conn_messages(watcher: Watcher) -> list[dict[str, object]]:
