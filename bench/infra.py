@@ -94,7 +94,9 @@ class Mosquitto:
     persistence: every run starts empty.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistence: bool = False) -> None:
+        #: keep sessions, queues and retained messages across :meth:`restart` (README's advice)
+        self.persistence = persistence
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(binary):
             raise BenchError("mosquitto not installed: apt-get install mosquitto")
@@ -114,7 +116,8 @@ class Mosquitto:
             f"user {getpass.getuser()}",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
-            "persistence false",
+            *(["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
+              if self.persistence else ["persistence false"]),
             "max_queued_messages 0",
             "max_queued_bytes 0",
             "max_inflight_messages 0",
@@ -124,7 +127,7 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
         ]) + "\n")
-        out = open(self.dir / "out.log", "wb")  # noqa: SIM115 - closed with the process
+        out = open(self.dir / "out.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
@@ -145,6 +148,11 @@ class Mosquitto:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def restart(self) -> None:
+        """SIGTERM (it saves its state) and start again on the same port."""
+        _stop(self.proc)
+        self.start()
 
     def stop(self) -> None:
         _stop(self.proc)

@@ -23,13 +23,11 @@ sends traffic to 127.0.0.1 only. ``make truth`` runs it (about two minutes).
 from __future__ import annotations
 
 import argparse
-import getpass
 import heapq
 import json
 import random
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -41,45 +39,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.infra import HubProcess, Mosquitto, percentile, wait_until
+from bench.infra import HubProcess, Mosquitto, percentile
 from hub.protocol import ConnPayload, HeartbeatPayload, new_session_id
 
 HB_MS = 2_000  # the hub's heartbeat interval: timeout 5 s
 GRACE_MS = 1_000  # the hub's will grace (its default)
 PREFIX = "presence"
-
-
-class PersistentMosquitto(Mosquitto):
-    """The bench's Mosquitto with persistence on (README's advice), restartable on its port."""
-
-    def start(self) -> PersistentMosquitto:
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text("\n".join([
-            f"user {getpass.getuser()}",
-            f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence true",
-            f"persistence_location {self.dir}/", "autosave_interval 1",
-            "set_tcp_nodelay true", "log_dest stderr", "log_type error",
-        ]) + "\n")
-        out = open(self.dir / "out.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, 10, "mosquitto to listen")
-        return self
-
-    def restart(self) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(15)
-        self.start()
 
 
 def _retire(c: mqtt.Client) -> None:
@@ -241,7 +206,7 @@ def run(duration: float, seed: int, log: Callable[[str], None],
         log_level: str = "warning") -> dict[str, float]:
     rng = random.Random(seed)
     t_warm = 12.0  # everyone online and settled before counting starts
-    with PersistentMosquitto() as mosq:
+    with Mosquitto(persistence=True) as mosq:
         db = Path(mosq.dir) / "presence.json"
         args = ["--broker", mosq.url, "--storage", "tinydb", "--db", str(db),
                 "--heartbeat-interval", f"{HB_MS}ms", "--away-after", "10m",
