@@ -444,3 +444,47 @@ def test_the_birth_after_a_heartbeat_that_stood_in_for_it_brings_its_interval(
     assert [e for e in fx if isinstance(e, DeviceTimedOut)] == []
     fx = engine.tick(T0 + 10 + 300_000)
     assert [e.device_id for e in fx if isinstance(e, DeviceTimedOut)] == ["meter"]
+
+
+def test_after_a_crash_versions_continue_above_what_may_have_been_published() -> None:
+    first = Engine(EngineConfig())
+    first.handle(Birth("u", "phone", "s1"), T0)
+    (saved,) = first.take_dirty()  # persisted: version 1, reserved ahead
+    assert saved.version == 1 and saved.version_reserved > saved.version
+    first.handle(SetStatus("u", "dnd"), T0 + 1_000)  # published as version 2, then a crash
+    assert first.get_status("u").version == 2
+    clean = Engine(EngineConfig())
+    clean.load([saved], T0 + 2_000)
+    assert clean.get_status("u").version == 1  # a clean stop: nothing to skip
+    crashed = Engine(EngineConfig())
+    crashed.load([saved], T0 + 2_000, crashed=True)
+    assert crashed.get_status("u").version > 2
+    (rec,) = crashed.take_dirty()  # and the store learns it
+    assert rec.version == crashed.get_status("u").version
+
+
+async def test_a_hub_that_crashed_never_publishes_a_version_again(tmp_path: object) -> None:
+    """Through the service and a real TinyDB file: the first hub publishes version 2 and dies
+    before its flush; the next one starts above it."""
+    from pathlib import Path
+
+    from hub import create_presence_service
+
+    db = str(Path(str(tmp_path)) / "presence.json")
+    clock = FakeClock(T0)
+    first = create_presence_service(storage="tinydb", db_path=db, clock=clock,
+                                    flush_interval_ms=3_600_000)
+    await first.start()
+    first.ingest([("presence/devices/u/phone/conn", b'{"state":"online","session":"s1"}')])
+    assert await first.durable(within=5)
+    await first.set_status("u", "dnd")  # published as version 2 by a running hub ...
+    published = (await first.get_status("u")).version
+    # ... which dies here: no flush, no clean stop (its clock task is simply abandoned)
+    assert first._runner is not None
+    first._runner.cancel()
+    second = create_presence_service(storage="tinydb", db_path=db, clock=clock)
+    async with second:
+        assert (await second.get_status("u")).version > published
+    third = create_presence_service(storage="tinydb", db_path=db, clock=clock)
+    async with third:  # the second stopped cleanly: no jump this time
+        assert (await third.get_status("u")).version == (await second.get_status("u")).version

@@ -326,6 +326,18 @@ async def test_reopen_keeps_users_and_activity(store_harness: Harness) -> None:
     assert await store.get_activity("u2") == [activity(3)]
 
 
+async def test_the_clean_stop_marker_is_swapped_and_kept(store_harness: Harness) -> None:
+    """What the next start needs to know: did the last run stop cleanly? A store that never
+    held a marker says yes (a first start published nothing)."""
+    store = store_harness.store
+    assert await store.swap_clean_stop(False) is True
+    assert await store.swap_clean_stop(False) is False
+    store = await store_harness.reopen()
+    assert await store.swap_clean_stop(True) is False
+    store = await store_harness.reopen()
+    assert await store.swap_clean_stop(False) is True
+
+
 async def test_unknown_fields_are_ignored(store_harness: Harness) -> None:
     alice = user("alice", device("phone"))
     await store_harness.store.save_users([alice])

@@ -218,14 +218,21 @@ class PresenceService:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
+        await self.store.swap_clean_stop(True)  # everything published is in the store now
         await self.store.close()
 
     async def _load(self) -> None:
         if self._loaded:
             return
         records = await self.store.load_users()
+        # from here on a crash may leave published versions the store has not seen: the
+        # marker says so to the next start, before anything is published
+        crashed = not await self.store.swap_clean_stop(False)
+        if crashed and records:
+            log.warning("the last run did not stop cleanly: user versions continue above what "
+                        "it may have published")
         with gc_paused():
-            effects = self.engine.load(records, self._now())
+            effects = self.engine.load(records, self._now(), crashed)
         self._loaded = True
         if records:
             log.info("loaded %d users from the store", len(records))

@@ -184,6 +184,10 @@ class EngineConfig:
 _NO_EFFECTS: Final[tuple[Effect, ...]] = ()
 #: ``hold_until`` of a device while the broker link is down: held until the link returns
 _FOREVER: Final = 1 << 62
+#: versions reserved ahead of the published one (persisted with the user): a user would have
+#: to change this many times within one flush for a crash to reuse a version (the per-device
+#: rate limit allows a few dozen a second)
+VERSION_RESERVE: Final = 1_000
 
 
 class EngineError(ValueError):
@@ -267,6 +271,7 @@ class _User:
         "manual_status",
         "name",
         "published_key",
+        "reserved",
         "status",
         "version",
     )
@@ -280,6 +285,8 @@ class _User:
         self.status: Status = OFFLINE
         self.active_device: str | None = None
         self.version = 0
+        #: versions up to here may be published before the store hears of them
+        self.reserved = 0
         self.last_sync: int | None = None
         #: channel id -> hub time of the last activity on it (for "who is on this channel")
         #: channel -> last activity there; the shared empty :data:`_NO_CHANNELS` until the
@@ -1004,6 +1011,8 @@ class Engine:
         if key != u.published_key:
             u.published_key = key
             u.version += 1
+            if u.version > u.reserved - VERSION_RESERVE // 2:
+                u.reserved = u.version + VERSION_RESERVE  # persisted with this change
             self._dirty.add(u.id)
             self._out.append(PublishState(u.id, self._snapshot(u)))
         elif force:
@@ -1231,6 +1240,7 @@ class Engine:
             custom_status=u.custom_status,
             active_device=u.active_device,
             version=u.version,
+            version_reserved=u.reserved,
             last_sync=u.last_sync,
             channels={c: t + wall for c, t in u.channels.items()} if u.channels else {},
             devices=[
@@ -1254,7 +1264,8 @@ class Engine:
             ],
         )
 
-    def load(self, records: Iterable[UserRecord], now: int) -> Sequence[Effect]:
+    def load(self, records: Iterable[UserRecord], now: int,
+             crashed: bool = False) -> Sequence[Effect]:
         """Rebuild state from a store at start-up.
 
         A restart changes no status by itself: every loaded device keeps its stored status
@@ -1267,8 +1278,13 @@ class Engine:
         consistent snapshot of the user, so the primary rule applied to it picks the stored
         primary again). Millions of long-lived
         objects, none garbage: the caller holds the garbage collector off around it.
+
+        ``crashed``: the last run did not stop cleanly, so it may have published versions the
+        store never saw; every user then starts at its reservation (published again with that
+        version at start), and no version is ever published twice with different contents.
         """
         loaded: dict[str, _User] = {}
+        bumped: list[str] = []
         wall = self._wall
         for rec in records:
             old = self._users.get(rec.id)
@@ -1281,6 +1297,11 @@ class Engine:
             u.status = rec.status
             u.active_device = rec.active_device
             u.version = rec.version
+            u.reserved = rec.version_reserved
+            if crashed and u.reserved > u.version:
+                u.version = u.reserved
+                u.reserved = u.version + VERSION_RESERVE
+                bumped.append(u.id)
             u.last_sync = rec.last_sync
             u.channels = ({c: t - wall for c, t in rec.channels.items()} if rec.channels
                           else _NO_CHANNELS)
@@ -1311,6 +1332,7 @@ class Engine:
             self._users[u.id] = u
             loaded[u.id] = u
         self._dirty.difference_update(loaded)  # the store holds exactly what was just read
+        self._dirty.update(bumped)  # ... except the versions a crash moved up
         refresh_device = self._refresh_device
         for u in loaded.values():
             changed = False

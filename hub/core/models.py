@@ -124,6 +124,9 @@ class UserRecord(BaseModel):
     custom_status: str | None = None
     active_device: str | None = None
     version: int = 0
+    #: versions up to this one may have been published (the engine reserves ahead of what it
+    #: publishes); after a crash the user starts above it, so no version is ever reused
+    version_reserved: int = 0
     last_seen: int | None = None
     last_sync: int | None = None
     channels: dict[str, int] = Field(default_factory=dict)

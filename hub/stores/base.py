@@ -80,6 +80,16 @@ class Store(Protocol):
     async def close(self) -> None:
         """Make everything written so far durable and release resources."""
 
+    async def swap_clean_stop(self, clean: bool) -> bool:
+        """Durably record whether the hub stopped cleanly (``clean``) and return what was
+        recorded before (True for a store that never held a marker).
+
+        The service calls it with False once it has loaded (from then on a crash may leave
+        published user versions the store has not seen) and with True after its final flush;
+        after a crash the engine starts every user above the versions it may have published
+        (see ``UserRecord.version_reserved``).
+        """
+
     async def flush(self) -> None:
         """Make everything written so far durable (a store may buffer activity until then)."""
 

@@ -66,3 +66,7 @@ class MemoryStore:
         self, user_id: str, limit: int | None = None, since: int | None = None
     ) -> list[Activity]:
         return select_activity(reversed(self._activity.get(user_id, ())), limit, since)
+
+    async def swap_clean_stop(self, clean: bool) -> bool:
+        was, self._clean = getattr(self, "_clean", True), clean
+        return was

@@ -260,6 +260,13 @@ class RedisStore:
 
     # -- the Store interface ------------------------------------------------------------------
 
+    async def swap_clean_stop(self, clean: bool) -> bool:
+        async def swap() -> bool:
+            was = await self.client.getset(f"{self.namespace}:clean-stop", "1" if clean else "0")
+            return was is None or _text(was) == "1"
+
+        return await self._guard("record the clean stop", swap, write=True)
+
     async def load_users(self) -> list[UserRecord]:
         return await self._guard("load users", self._load_users)
 

@@ -65,6 +65,7 @@ T = TypeVar("T")
 
 USERS_TABLE = "users"
 ACTIVITY_TABLE = "activity"
+META_TABLE = "meta"
 DEFAULT_ACTIVITY_WRITE_DELAY = 1.0
 
 _Tables = dict[str, dict[str, Any]]
@@ -414,6 +415,19 @@ class TinyDBStore:
     async def flush(self) -> None:
         """Write buffered activity now (the service may call it; close does it anyway)."""
         await self._run(self._commit_sync)
+
+    async def swap_clean_stop(self, clean: bool) -> bool:
+        return await self._run(lambda: self._swap_clean_stop_sync(clean))
+
+    def _swap_clean_stop_sync(self, clean: bool) -> bool:
+        """A one-document ``meta`` table beside the users (still a plain TinyDB file)."""
+        assert self._db is not None
+        meta = cast(_KeyedTable, self._db.table(META_TABLE))
+        doc = meta.get_key("hub")
+        was = True if doc is None else bool(doc.get("clean", True))
+        meta.put({"hub": {"clean": clean}})
+        self._commit_sync()
+        return was
 
     # -- worker-thread side -------------------------------------------------------------------
 
