@@ -187,6 +187,11 @@ def encode_subscribe(mid: int, filters: Sequence[tuple[str, int]]) -> bytes:
     return _packet((SUBSCRIBE << 4) | 0x02, body)
 
 
+def encode_unsubscribe(mid: int, filters: Sequence[str]) -> bytes:
+    body = struct.pack("!H", mid) + b"".join(_str(f) for f in filters)
+    return _packet((UNSUBSCRIBE << 4) | 0x02, body)
+
+
 def encode_ack(kind: int, mid: int) -> bytes:
     """PUBACK, PUBREC, PUBREL (which carries flags 0b0010) or PUBCOMP for ``mid``."""
     return bytes(((kind << 4) | (0x02 if kind == PUBREL else 0), 2, mid >> 8, mid & 0xFF))
@@ -437,6 +442,7 @@ class HubMqttClient:
         client_id: str,
         on_messages: Callable[[list[Received]], None],
         subscriptions: Sequence[tuple[str, int]] = (),
+        unsubscriptions: Sequence[str] = (),
         clean_session: bool = False,
         keepalive: int = 30,
         username: str | None = None,
@@ -457,6 +463,9 @@ class HubMqttClient:
         self.host, self.port = host, port
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
+        #: filters a persistent session may still hold from an older configuration: dropped
+        #: on every connection, after the subscriptions are in (a duplicate, never a gap)
+        self.unsubscriptions = list(unsubscriptions)
         self.keepalive = keepalive
         self.ssl_context = ssl_context
         self.on_messages = on_messages
@@ -794,6 +803,8 @@ class HubMqttClient:
         conn.since = self.loop.time()
         if self.subscriptions:
             conn.write(encode_subscribe(self._new_mid(), self.subscriptions))
+        if self.unsubscriptions:
+            conn.write(encode_unsubscribe(self._new_mid(), self.unsubscriptions))
         # the broker's session may hold them already (then they are duplicates, flagged DUP)
         for mid, (topic, payload, retain) in self._inflight.items():
             conn.write(encode_publish(topic, payload, 1, retain, mid, dup=session_present))
@@ -961,6 +972,7 @@ __all__ = [
     "encode_connect",
     "encode_publish",
     "encode_subscribe",
+    "encode_unsubscribe",
     "jittered_backoff",
     "read_retained",
 ]
