@@ -1,9 +1,21 @@
 """The hub on an external broker (Mosquitto, EMQX, ...) through its own asyncio MQTT client.
 
-A persistent session (fixed client id, clean session off) subscribed at QoS 1, so activity
-published while the hub is down is delivered when it returns. Every read from the socket is one
-``ingest`` batch. QoS 1 messages are acked manually, only after the flush that persisted them,
-so a SIGKILL of the hub loses nothing: the broker redelivers what was not acked.
+Two connections. The main one is a persistent session (fixed client id, clean session off)
+subscribed at QoS 1 to the durable kinds (``activity``, ``set``, ``ack``), so what is published
+while the hub is down is delivered when it returns. Its QoS 1 messages are acked manually, only
+after the flush that persisted them, so a SIGKILL of the hub loses nothing: the broker
+redelivers what was not acked. Every read from a socket is one ``ingest`` batch.
+
+The live one (client id ``presence-hub/live``) carries liveness and commands (``conn``,
+``heartbeat``, ``req``) and acks at once. It exists because held acks fill the broker's
+in-flight window for a client (Mosquitto: 20), and the broker then withholds every further QoS 1
+message from it: with one connection, a store outage (acks held until the store is back) made
+the hub deaf to wills, births and commands. Nothing there needs the store before its ack: a
+``conn`` is retained at the broker (every device's current one comes again on each subscribe,
+and heartbeats stand in for a lost birth), a ``req`` changes nothing by itself (its reply waits
+for the change to be durable, or says it is not saved yet). It is a persistent session too:
+a request or a will published while the hub reconnects (a broker restart) is queued for it,
+not lost.
 
 One hub per broker and prefix: before it connects with the session's client id (which would
 take a running hub's session over), the hub reads the retained ``P/hub/status`` with a
@@ -52,6 +64,14 @@ PROBE_TIMEOUT_S = 5.0
 #: unacked QoS 1 messages that trigger an early flush (half Mosquitto's default in-flight 20)
 ACK_WINDOW = 10
 HUB_CLIENT_ID = "presence-hub"
+#: the live connection's client id is the main one's plus this
+LIVE_SUFFIX = "/live"
+#: device topic kinds whose effect must be persisted before the broker may forget them: the
+#: main persistent session, acked after the flush
+DURABLE_KINDS = ("activity", "set", "ack")
+#: liveness and commands, on the live connection (a session of its own, acked at once), with the
+#: QoS of each subscription (heartbeats are QoS 0 by the protocol)
+LIVE_KINDS = (("conn", 1), ("heartbeat", 0), ("req", 1))
 
 
 class HubAlreadyActive(PresenceError):
@@ -59,11 +79,12 @@ class HubAlreadyActive(PresenceError):
 
 
 class ExternalTransport:
-    """The hub on an external broker through :class:`~hub.mqtt.client.HubMqttClient`.
+    """The hub on an external broker through two :class:`~hub.mqtt.client.HubMqttClient`.
 
-    A persistent session (fixed client id, clean session off) subscribed at QoS 1; every read
-    from the socket becomes one ``ingest`` batch. QoS 1 messages are acked after the flush that
-    persisted them (requests at once: they need no persistence).
+    ``client``: the persistent session for durable messages, acked after the flush that
+    persisted them; it holds the hub's will and ``P/hub/status``. ``live``: a session of its own
+    for liveness and commands, acked at once, so held acks never stop wills, births and requests
+    (see the module docstring). Every read from either socket becomes one ``ingest`` batch.
     """
 
     def __init__(
@@ -97,12 +118,31 @@ class ExternalTransport:
             url.host, url.port, client_id=client_id, clean_session=False, keepalive=keepalive,
             username=url.username, password=url.password, ssl_context=context,
             will=Will(hub.topics.hub_status, b"offline", 1, True),
-            subscriptions=[(hub.topics.device_filter, 1)],
+            subscriptions=[(self._filter(kind), 1) for kind in DURABLE_KINDS],
+            # the single filter of hub versions before the live connection: left in the
+            # session, it would deliver liveness here too (twice, and behind held acks)
+            unsubscriptions=[hub.topics.device_filter],
             on_messages=self._on_messages, on_connect=self._on_connect,
             on_disconnect=self._on_disconnect, on_oversize=self._on_oversize,
             max_packet_bytes=hub.service.config.max_payload_bytes + PACKET_HEADROOM,
             backoff=_backoff, fast_retries=FAST_RETRIES,
         )
+        # No will and no P/hub/status here: the main connection speaks for the hub. Each of its
+        # connections waits for the main one to be up (_after_main).
+        self.live = HubMqttClient(
+            url.host, url.port, client_id=client_id + LIVE_SUFFIX, clean_session=False,
+            keepalive=keepalive, username=url.username, password=url.password,
+            ssl_context=context,
+            subscriptions=[(self._filter(kind), qos) for kind, qos in LIVE_KINDS],
+            on_messages=self._on_live_messages, on_connect=self._on_live_connect,
+            on_disconnect=self._on_live_disconnect, on_oversize=self._on_oversize,
+            max_packet_bytes=hub.service.config.max_payload_bytes + PACKET_HEADROOM,
+            backoff=_backoff, fast_retries=FAST_RETRIES, before_connect=self._after_main,
+        )
+
+    def _filter(self, kind: str) -> str:
+        """``P/devices/+/+/KIND``: MQTT has no filter for a set of kinds, so one per kind."""
+        return self.hub.topics.device_filter.rpartition("/")[0] + "/" + kind
 
     async def start(self) -> None:
         """Check that no other hub is active, then connect (retrying in the background).
@@ -118,6 +158,7 @@ class ExternalTransport:
             self.client.before_connect = self._gate
         log.info("connecting to MQTT broker %s as %s", self.url, self.client.client_id)
         await self.client.start()
+        await self.live.start()
         try:
             await asyncio.wait_for(self.connected.wait(),
                                    timeout=max(0.0, deadline - self.loop.time()))
@@ -183,9 +224,11 @@ class ExternalTransport:
         self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
         if self.client.connected:
             await self.client.wait_all_acked(2.0)
+        await self.live.stop()
         await self.client.stop()  # DISCONNECT (no will), socket closed, no more reconnects
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """On the main connection: the hub's status and every user topic keep one order."""
         self.client.publish(topic, payload, qos, retain)
 
     async def drained(self, below: int) -> None:
@@ -198,7 +241,7 @@ class ExternalTransport:
         self.client.publish(self.hub.topics.hub_status, b"online", qos=1, retain=True)
         first, self._first_connect = self._first_connect, False
         self.connected.set()
-        self.hub.service.link_up()
+        self._link_up()
         if not session_present and not first:
             # The broker forgot the hub: it restarted without persistence (or the session
             # expired). Its retained messages went with it, and what devices published
@@ -226,12 +269,55 @@ class ExternalTransport:
     def _on_disconnect(self, why: str) -> None:
         log.warning("hub lost the broker %s (%s); reconnecting", self.url, why)
         self.connected.clear()
+        # Without it the hub hears no activity: idle clocks must not run on that silence.
         # What was ingested and not acked is acked after the flush as usual: the broker sends
         # it again on the next connection, and the client acks that copy instead of handing
         # it on twice. Wills that came just before (a broker shutdown sends every client's
         # will, then drops the hub) are the engine's to judge: link_down voids those still in
         # their grace.
         self.hub.service.link_down()
+
+    def _link_up(self) -> None:
+        """The hub hears devices again once both links are up: without the live one it hears
+        no heartbeats, wills or births; without the main one no activity."""
+        if self.client.connected and self.live.connected:
+            self.hub.service.link_up()
+
+    async def _after_main(self) -> None:
+        """The live client's ``before_connect``: wait until the main connection is up.
+
+        So the live session is never taken from another hub that the check in start() finds
+        active, and after a common outage (a broker restart) the main session's backlog comes
+        first: a request queued behind earlier activity (``presence activity``) then sees it,
+        as it did when both kinds shared one session.
+        """
+        await self.connected.wait()
+
+    def _on_live_connect(self, session_present: bool) -> None:
+        # the broker sends every device's retained conn on this subscribe (after what it queued
+        # for the session): the engine takes a birth of the session it knows as liveness, an
+        # older one as stale
+        log.info("hub's live link to %s up (liveness and commands; session present: %s)",
+                 self.url, session_present)
+        self._link_up()
+
+    def _on_live_disconnect(self, why: str) -> None:
+        log.warning("hub's live link to %s lost (%s); reconnecting", self.url, why)
+        self.live.before_connect = self._after_main  # the client clears it once connected
+        self.hub.service.link_down()
+
+    def _on_live_messages(self, received: list[Received]) -> None:
+        """Liveness and commands: ingested, then acked at once (nothing of them waits for
+        the store; see the module docstring)."""
+        if not received:
+            return
+        self.ingested += len(received)
+        self.hub.service.ingest([(topic, payload) for topic, payload, _mid, _qos in received])
+        gen = self.live.generation
+        ack = self.live.ack
+        for _topic, _payload, mid, qos in received:
+            if qos:
+                ack(mid, qos, gen)
 
     def _on_oversize(self, topic: str, size: int, mid: int, qos: int) -> None:
         self.hub.service.reject("too_large", f"{topic}: payload of {size} bytes, over "
