@@ -296,3 +296,34 @@ def test_mosquitto_answers_as_the_readme_says(
     # Deliveries keep publish order: once bob has his own status, alice's was filtered.
     wait_for(lambda: bob.last(T.user("bob", "status")) == b"online", what="bob's own status")
     assert bob.last(T.user("alice", "status")) is None
+
+
+def test_the_hub_logs_in_under_an_id_no_other_account_can_guess(
+    exported: tuple[Path, Path], mosquitto_factory: Callable[..., MosquittoProcess],
+    clients: list[MqttClient], tmp_path: Path,
+) -> None:
+    """With the files alone (the default export), taking over the hub's session needs its
+    client id: derived from its login, so another account cannot take it."""
+    from hub.mqtt.external import hub_client_id
+    from hub.protocol import BrokerURL
+    from tests.support.hub_process import HubProcess
+
+    mosq = broker(mosquitto_factory, mosquitto_conf(*exported))
+    url = f"mqtt://hub-main:{password('hub-main')}@{HOST}:{mosq.port}"
+    expected = hub_client_id(BrokerURL.parse(url))
+    assert expected.startswith("presence-hub-") and len(expected) == len("presence-hub-") + 16
+    assert expected != hub_client_id(BrokerURL.parse(url.replace("hub-pw", "other-pw")))
+    assert hub_client_id(BrokerURL.parse(f"mqtt://{HOST}:1883")) == "presence-hub"
+    hub = HubProcess(["--broker", url, "--storage", "memory"], tmp_path).start()
+    try:
+        wait_for(lambda: f"as {expected}" in hub.output(), what="the hub's client id in its log")
+        bob = Login(mosq.port, "bob/desk", client_id="presence-hub")  # the id that was known
+        clients.append(bob)
+        assert bob.attempt() == "Success"
+        alice = Agent(mosq.port, "alice", "laptop").start()
+        clients.append(alice)
+        wait_for(lambda: f"{expected} already connected" not in mosq.log_text()
+                 and "presence-hub" in mosq.log_text(), what="both connections logged")
+        assert "link to the MQTT broker" not in hub.output()  # never dropped: kept its session
+    finally:
+        hub.close()

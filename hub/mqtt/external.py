@@ -29,6 +29,8 @@ that messages published to it meanwhile may have been lost.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import shlex
@@ -64,6 +66,23 @@ PROBE_TIMEOUT_S = 5.0
 #: unacked QoS 1 messages that trigger an early flush (half Mosquitto's default in-flight 20)
 ACK_WINDOW = 10
 HUB_CLIENT_ID = "presence-hub"
+
+
+def hub_client_id(url: BrokerURL) -> str:
+    """The hub's client id on ``url``: ``presence-hub``, or, when the hub logs in, that name
+    plus 16 hex digits of an HMAC of its username keyed by its password.
+
+    Why: on Mosquitto any account may connect under any client id and so take over the
+    holder's session (the password and ACL files cannot forbid it); a takeover of the hub's
+    id would end its persistent session and lose what the broker was keeping for it. Agents'
+    ids carry a random session id nobody else can read; this makes the hub's just as
+    unguessable to other accounts, while it stays the same across restarts (the session
+    survives them) and needs no setting.
+    """
+    if not (url.username and url.password):
+        return HUB_CLIENT_ID
+    tag = hmac.new(url.password.encode(), url.username.encode(), hashlib.sha256).hexdigest()
+    return f"{HUB_CLIENT_ID}-{tag[:16]}"
 #: the live connection's client id is the main one's plus this
 LIVE_SUFFIX = "/live"
 #: device topic kinds whose effect must be persisted before the broker may forget them: the
@@ -100,6 +119,8 @@ class ExternalTransport:
         self.hub = hub
         self.url = url
         self.loop = asyncio.get_running_loop()
+        if client_id == HUB_CLIENT_ID:
+            client_id = hub_client_id(url)
         self._client_id = client_id
         # (mid, qos, connection generation) ingested, not yet persisted / in the flush under way
         self._unacked: list[tuple[int, int, int]] = []
