@@ -15,8 +15,25 @@ from hub.cli.users import users_main
 
 log = logging.getLogger("presence-hub")
 
+#: what the hub needs beyond a plain install (the agent's): the extra ``[hub]``
+HUB_EXTRA = ("amqtt", "tinydb")
+
+
+def _missing_hub_stack() -> str | None:
+    """The first module of the hub's stack that is not installed, if any."""
+    import importlib.util
+
+    return next((m for m in HUB_EXTRA if importlib.util.find_spec(m) is None), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    missing = _missing_hub_stack()
+    if missing is not None:
+        print(f"presence-hub: the hub's stack is not installed ({missing} is missing); a plain "
+              "install is the device agent: pip install 'mqtt-presence-hub[hub]'",
+              file=sys.stderr)
+        return 1
     if argv[:1] == ["users"]:
         return users_main(argv[1:])
     parser = build_parser()

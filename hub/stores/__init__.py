@@ -49,7 +49,7 @@ def open_store(
         except ImportError as exc:
             raise StoreError(
                 f"storage 'redis' needs the redis package ({exc}): "
-                "pip install 'mqtt-presence[redis]'"
+                "pip install 'mqtt-presence-hub[redis]'"
             ) from exc
         return RedisStore(redis_url, limits, namespace=namespace)
     raise StoreError(f"unknown storage {kind!r}: choose one of {', '.join(STORE_KINDS)}")
