@@ -618,9 +618,7 @@ class Engine:
             d.last_interaction = li
         if name:
             d.name = sys.intern(name[:128])
-        self._dirty.add(d.user.id)
-        self._refresh_device(d, now)
-        self._refresh_user(d.user, now)
+        self._device_changed(d, now)
 
     def _revive(self, d: _Device, now: int) -> None:
         """The current session proved alive again after a timeout or an API status."""
@@ -629,9 +627,7 @@ class Engine:
         d.last_seen = now
         d.hold_until = None
         self.counters["device_revived"] += 1
-        self._dirty.add(d.user.id)
-        self._refresh_device(d, now)
-        self._refresh_user(d.user, now)
+        self._device_changed(d, now)
 
     def _device_offline(self, ev: DeviceOffline, now: int) -> None:
         user = self._users.get(ev.user)
@@ -681,13 +677,10 @@ class Engine:
             # a clean stop is the device speaking; a will is the broker speaking for a
             # device that has been silent, so it does not count as seeing the device
             d.last_seen = now
-        self._dirty.add(d.user.id)
-        self._refresh_device(d, now)
-        self._refresh_user(d.user, now)
+        self._device_changed(d, now)
 
     def _sleep(self, ev: Sleep, now: int) -> None:
-        user = self._users.get(ev.user)
-        d = user.devices.get(ev.device) if user else None
+        d = self._known(ev.user, ev.device)
         if d is None or d.session != ev.session or d.ended or not d.connected:
             self.counters["stale_session"] += 1
             return
@@ -697,13 +690,10 @@ class Engine:
         d.sleep_until = now + ev.sleep_ms
         d.last_seen = now
         d.hold_until = None
-        self._dirty.add(d.user.id)
-        self._refresh_device(d, now)
-        self._refresh_user(d.user, now)
+        self._device_changed(d, now)
 
     def _heartbeat_slow(self, ev: Heartbeat, now: int) -> None:
-        user = self._users.get(ev.user)
-        d = user.devices.get(ev.device) if user else None
+        d = self._known(ev.user, ev.device)
         if d is not None and d.session == ev.session:
             if d.ended:
                 self.counters["stale_session"] += 1
@@ -848,17 +838,16 @@ class Engine:
         self._refresh_user(d.user, now)
 
     def _ack(self, ev: Ack, now: int) -> None:
-        user = self._users.get(ev.user)
-        d = user.devices.get(ev.device) if user else None
-        if user is None or d is None:
+        d = self._known(ev.user, ev.device)
+        if d is None:
             self.counters["ack_unknown_device"] += 1
             return
-        if ev.version > user.version:
+        if ev.version > d.user.version:
             self.counters["ack_future_version"] += 1
             return
         if ev.version > d.acked_version:
             d.acked_version = ev.version
-            self._dirty.add(user.id)
+            self._dirty.add(d.user.id)
 
     def _sync(self, ev: SyncRequest, now: int) -> None:
         u = self._user_for(ev.user)
@@ -1045,6 +1034,17 @@ class Engine:
         if u is None:
             u = self._users[user_id] = _User(user_id)
         return u
+
+    def _known(self, user_id: str, device_id: str) -> _Device | None:
+        """The device if the engine knows it (never creates one)."""
+        u = self._users.get(user_id)
+        return u.devices.get(device_id) if u is not None else None
+
+    def _device_changed(self, d: _Device, now: int) -> None:
+        """Something about ``d`` changed: persist its user, re-derive it and its user."""
+        self._dirty.add(d.user.id)
+        self._refresh_device(d, now)
+        self._refresh_user(d.user, now)
 
     def _device_for(self, user_id: str, device_id: str, now: int, virtual: bool) -> _Device | None:
         u = self._user_for(user_id)
