@@ -482,6 +482,7 @@ async def test_a_hub_that_crashed_never_publishes_a_version_again(tmp_path: obje
     # ... which dies here: no flush, no clean stop (its clock task is simply abandoned)
     assert first._runner is not None
     first._runner.cancel()
+    first.store._unlock()  # type: ignore[attr-defined]  # as the kernel does for a dead process
     second = create_presence_service(storage="tinydb", db_path=db, clock=clock)
     async with second:
         assert (await second.get_status("u")).version > published

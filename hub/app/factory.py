@@ -46,6 +46,7 @@ def create_presence_service(
     max_custom_status: int = 256,
     will_grace_ms: int = 1_000,
     max_heartbeat_interval_ms: int = 30 * 60_000,
+    fence: str | None = None,
     **hub_options: Any,
 ) -> PresenceService:
     """Build a presence service: in-process by default, the hub on MQTT when given a broker.
@@ -62,6 +63,9 @@ def create_presence_service(
     Availability: ``will_grace_ms`` is how long a device's last will waits for a birth of a new
     session before it takes effect (a reconnect never flaps the user; 0: at once), and
     ``max_heartbeat_interval_ms`` bounds the interval a device may announce in its birth.
+
+    ``fence``: the Redis lease's fence value this hub writes under, when several hubs share
+    the store (see :mod:`hub.stores.lease`).
     """
     try:
         engine_config = EngineConfig(
@@ -79,7 +83,8 @@ def create_presence_service(
     limits = ActivityLimits(max_entries=activity_limit, max_age_ms=activity_max_age_ms)
     if isinstance(storage, str):
         store = open_store(
-            storage, db_path=db_path, redis_url=redis_url, limits=limits, namespace=prefix
+            storage, db_path=db_path, redis_url=redis_url, limits=limits, namespace=prefix,
+            fence=fence,
         )
     else:
         store = storage

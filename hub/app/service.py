@@ -58,7 +58,7 @@ from hub.protocol import (
     request_id,
     validate_id,
 )
-from hub.stores import MemoryStore, Store, StoreError, StoreErrorLog
+from hub.stores import MemoryStore, Store, StoreError, StoreErrorLog, StoreFenced
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,23 @@ class ActivityIn(BaseModel):
     timestamp: int | None = None
     device_id: str | None = Field(default=None, alias="deviceId", pattern=ID_FIELD_PATTERN)
     data: dict[str, Any] | None = None
+
+
+class Leadership(Protocol):
+    """Whether this hub may act, when several hubs share one store (``--standby``; see
+    :mod:`hub.app.leadership`). Without one the service always may."""
+
+    def valid(self) -> bool:
+        """Cheap and local (a clock compare): True while the hub's lease is surely its own."""
+
+    async def confirm(self) -> bool:
+        """Ask the lease's keeper now: True if still ours, False if another hub took it over;
+        raises :class:`~hub.stores.StoreError` when it cannot tell (Redis out of reach)."""
+
+
+#: messages held while the lease is being confirmed (after a pause of the process); beyond it
+#: they are dropped with a counted reason
+HELD_MAX = 100_000
 
 
 class Resource(Protocol):
@@ -133,6 +150,12 @@ class PresenceService:
         self.topics = Topics(config.prefix)
         #: rejected input by reason (``bad_payload``, ``unknown_topic``, ...)
         self.rejected: Counter[str] = Counter()
+        #: device messages by kind (``conn``, ``heartbeat``, ...), counted once the topic is
+        #: valid, rate-limited or not: what devices send, for /metrics to read when scraped
+        self.received: Counter[str] = Counter()
+        #: what this hub is on its broker and prefix, for /healthz and /metrics: ``active``
+        #: (the only role until a standby hub exists; that one sets it)
+        self.role = "active"
         self._last_reject_log: dict[str, tuple[int, int]] = {}
         self._limiter = (
             RateLimiter(config.device_rate, config.device_burst)
@@ -162,6 +185,14 @@ class PresenceService:
         self._store_errors = StoreErrorLog(log)
         #: callers of durable() waiting for the next flush that starts after their call
         self._durable_waiters: list[asyncio.Future[None]] = []
+        self._leadership: Leadership | None = None
+        #: another hub took the lease over: this one neither writes, publishes nor ticks
+        #: any more; :attr:`stepped_down` is set for whoever runs the hub
+        self.fenced = False
+        self.stepped_down = asyncio.Event()
+        self._held: list[list[tuple[str, bytes]]] = []
+        self._held_count = 0
+        self._confirming: asyncio.Task[bool] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,6 +248,12 @@ class PresenceService:
             self._runner = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._confirming is not None:
+            self._confirming.cancel()
+        if self.fenced:
+            # another hub is active: its state is the truth now, nothing of ours may land
+            await self.store.close()
+            return
         await self.flush()
         await self.store.swap_clean_stop(True)  # everything published is in the store now
         await self.store.close()
@@ -238,6 +275,77 @@ class PresenceService:
             log.info("loaded %d users from the store", len(records))
         self._apply(effects)
         self._startup_events.extend(e for e in effects if type(e) is EmitEvent)
+
+    # ------------------------------------------------------------------ several hubs
+
+    def set_leadership(self, leadership: Leadership) -> None:
+        """Act only while ``leadership`` says this hub holds the lease (set before start)."""
+        self._leadership = leadership
+
+    def _leading(self) -> bool:
+        return self._leadership is None or (not self.fenced and self._leadership.valid())
+
+    async def confirm_leading(self) -> bool:
+        """True while this hub may act; when its lease is in doubt, once Redis has said."""
+        if self._leadership is None:
+            return True
+        if self.fenced:
+            return False
+        if self._leading():
+            return True
+        return await self._confirm_lease()
+
+    def step_down(self, why: str) -> None:
+        """Another hub is active: stop acting at once (no tick, no ingest, no write, no
+        publish) and tell whoever runs the hub, which stops this service without its final
+        flush and ``offline``."""
+        if self.fenced:
+            return
+        self.fenced = True
+        self._held.clear()
+        log.warning("this hub is no longer the active one: %s", why)
+        self.stepped_down.set()
+
+    def _hold(self, batch: list[tuple[str, bytes]]) -> None:
+        """Keep a batch that came while the lease is unconfirmed (the process was paused
+        longer than the lease's margin): applied once the lease is confirmed ours, dropped if
+        another hub took over (it gets them from the broker: durable kinds are not acked)."""
+        if self.fenced:
+            return
+        if self._held_count + len(batch) > HELD_MAX:
+            self.rejected["lease_unconfirmed"] += len(batch)
+        else:
+            self._held.append(batch)
+            self._held_count += len(batch)
+        self._confirm_lease()
+
+    def _confirm_lease(self) -> asyncio.Task[bool]:
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.ensure_future(self._confirm())
+        return self._confirming
+
+    async def _confirm(self) -> bool:
+        """Ask the lease's keeper until it can tell; replay what was held if it is ours."""
+        assert self._leadership is not None
+        log.warning("the hub's lease is not confirmed (was the process paused?): holding "
+                    "timers and input until Redis confirms it")
+        while True:
+            try:
+                ours = await self._leadership.confirm()
+                break
+            except StoreError as exc:
+                self._store_errors.failed(exc)
+                await asyncio.sleep(0.2)
+        if not ours:
+            self.step_down("another hub took the lease over while this one was paused")
+            return False
+        held, self._held, self._held_count = self._held, [], 0
+        log.info("the hub's lease is confirmed: applying %d held batches",
+                 len(held))
+        for batch in held:
+            self.ingest(batch)
+        self._poke()
+        return True
 
     def attach(self, resource: Resource) -> None:
         """Own a resource (the MQTT side): started after the store is loaded, stopped before
@@ -299,6 +407,12 @@ class PresenceService:
                     await self._wake.wait()
                 finally:
                     timer.cancel()
+            if not self._leading():
+                # a pause longer than the lease's margin (or a takeover): no timer fires
+                # before Redis confirms this hub is still the active one
+                if self.fenced or not await self._confirm_lease():
+                    return
+                continue
             now = self._now()
             try:
                 with gc_paused():
@@ -340,6 +454,8 @@ class PresenceService:
         exc = task.exception()
         if exc is None:
             self._store_errors.recovered()
+        elif isinstance(exc, StoreFenced):
+            self.step_down(str(exc))
         elif isinstance(exc, StoreError):
             self._store_errors.failed(exc)  # one line per outage and minute, no traceback
         else:
@@ -504,12 +620,16 @@ class PresenceService:
         The topic is checked first (cheap), then the device's rate limit, and only then is the
         payload parsed, so a flooding device costs little and cannot starve the others.
         """
+        if self._leadership is not None and not self._leading():
+            self._hold(messages if isinstance(messages, list) else list(messages))
+            return 0
         rejected = 0
         now = self._now()
         engine = self.engine
         where_of = self.topics.parse_device_topic
         limit = self.config.max_payload_bytes
         limiter = self._limiter
+        received = self.received
         for topic, payload in messages:
             where = where_of(topic)
             if type(where) is Rejection:
@@ -517,6 +637,7 @@ class PresenceService:
                 self._reject(where, now)
                 continue
             assert isinstance(where, DeviceTopic)
+            received[where.kind] += 1
             if where.kind == "req":
                 if not self._request_limiter.allow(where.user, where.device, now):
                     rejected += 1

@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if argv[:1] == ["users"]:
         return users_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from hub.cli.failover import status_main
+
+        return status_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

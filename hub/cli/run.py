@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from hub.core.errors import PresenceError
 from hub.process import tune_gc
 from hub.protocol import format_duration_ms
 
@@ -60,6 +61,35 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
         ]
     lines.append("  stop:         Ctrl-C")
     return "\n".join(lines)
+
+
+def _attach_web(presence: Any, hub: Any, settings: dict[str, Any]) -> Any:
+    """The HTTP side (``--http``), started and stopped with the service; None without it."""
+    if settings["http"] is None:
+        return None
+    from hub.core.errors import PresenceError
+
+    try:
+        from hub.web.link import MqttLink
+        from hub.web.server import WebServer
+    except ImportError as exc:
+        raise PresenceError(f"--http needs the hub's web stack ({exc.name} is missing): "
+                            "pip install 'mqtt-presence-hub[hub]'") from None
+    web = WebServer(presence, settings["http"], token=settings["http_token"],
+                    link=MqttLink(hub))
+    presence.attach(web)
+    return web
+
+
+def _with_dashboard(banner: str, web: Any, settings: dict[str, Any]) -> str:
+    """The banner with the dashboard's address, above its last line (how to stop)."""
+    if web is None:
+        return banner
+    login = ("   (token: log in with any name and the token as password, or add ?token=TOKEN)"
+             if settings["http_token"] else "")
+    head, _, last = banner.rpartition("\n")
+    return (f"{head}\n  dashboard:    {web.url}{login}\n"
+            f"  metrics:      {web.url}metrics   health: {web.url}healthz\n{last}")
 
 
 def _counter_line(parts: dict[str, dict[str, int]]) -> str:
@@ -115,10 +145,9 @@ class CounterReport:
 
 async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly."""
-    from hub.app.factory import attach_broker, create_presence_service
     from hub.auth import CredentialStore
     from hub.broker import BrokerError
-    from hub.mqtt import EmbeddedTransport, broker_answers, parse_listen
+    from hub.mqtt import broker_answers, parse_listen
 
     broker = settings["broker"]
     host, port = parse_listen(settings["listen"])
@@ -169,6 +198,49 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
         refusal = listen_policy_error(hosts, policy)
         if refusal is not None:
             raise BrokerError(refusal)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    lease = None
+    if settings["storage"] == "redis":
+        # several hubs may share the store: the lease says which one acts (hub/cli/failover.py)
+        from hub.cli.failover import make_lease
+
+        lease = make_lease(settings)
+    try:
+        while True:
+            keeper = None
+            if lease is not None:
+                from hub.cli.failover import take_lease
+
+                keeper = await take_lease(lease, settings, broker, stop)
+                if keeper is None:  # stopped while standing by
+                    return
+            presence, hub = _build(settings, broker, store,
+                                   lease.fence if lease is not None else None)
+            if keeper is not None:
+                presence.set_leadership(keeper)
+            stepped_down = await _serve(settings, presence, hub, desc, broker, accounts, stop,
+                                        ready, keeper, lease)
+            if not stepped_down:
+                if lease is not None:
+                    await lease.release()  # a standby takes over at once, not after the TTL
+                break
+            if not settings["standby"]:
+                raise PresenceError("another hub took the lease over: this hub stopped; start "
+                                    "it with --standby to stand by instead")
+            log.warning("this hub stands by again")
+    finally:
+        if lease is not None:
+            await lease.close()
+    log.info("stopped cleanly")
+
+
+def _build(settings: dict[str, Any], broker: str, store: Any, fence: str | None) -> Any:
+    """A presence service with its MQTT side, as configured."""
+    from hub.app.factory import attach_broker, create_presence_service
+
     presence = create_presence_service(
         heartbeat_interval_ms=settings["heartbeat_interval"],
         away_after_ms=settings["away_after"],
@@ -187,24 +259,35 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
         max_custom_status=settings["max_custom_status"],
         will_grace_ms=settings["will_grace"],
         max_heartbeat_interval_ms=settings["max_heartbeat_interval"],
+        fence=fence,
     )
     if broker == "embedded":
         hub = attach_broker(
             presence, "embedded", listen=settings["listen"],
             credentials=store, allow_anonymous=settings["allow_anonymous"],
             tls_listen=settings["tls_listen"], tls_cert=settings["tls_cert"],
-            tls_key=settings["tls_key"],
+            tls_key=settings["tls_key"], homeassistant=settings["homeassistant"],
         )
     else:
         hub = attach_broker(presence, broker, listen=settings["listen"],
-                            ca_file=settings["ca_file"])
+                            homeassistant=settings["homeassistant"],
+                            ca_file=settings["ca_file"], leased=fence is not None)
+    return presence, hub
+
+
+async def _serve(settings: dict[str, Any], presence: Any, hub: Any, desc: str, broker: str,
+                 accounts: int, stop: asyncio.Event, ready: Callable[[str], None] | None,
+                 keeper: Any, lease: Any) -> bool:
+    """Run the hub until ``stop`` (then a clean stop: False) or until another hub took the
+    lease over (True: stopped without the final flush and ``offline``)."""
+    from hub.mqtt import EmbeddedTransport
+
+    web = _attach_web(presence, hub, settings)
     report = CounterReport(presence, hub)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     async with presence:
         tune_gc()
+        if keeper is not None:
+            keeper.start()
         transport = hub.transport
         embedded = transport.broker if isinstance(transport, EmbeddedTransport) else None
         access = embedded.policy.describe() if embedded is not None else None
@@ -212,17 +295,37 @@ async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None 
         if embedded is None and accounts:
             access = (f"enforced by the external broker, not the hub ({accounts} account(s) "
                       "here apply only once exported: presence-hub users export-mosquitto)")
-        banner = _banner(settings, desc, broker, access, tls_url)
+        banner = _with_dashboard(_banner(settings, desc, broker, access, tls_url), web,
+                                 settings)
+        if lease is not None:
+            from hub.cli.failover import lease_line
+
+            first, _, rest = banner.partition("\n")
+            banner = "\n".join([first, lease_line(lease), rest])
         print(banner, flush=True)
         if ready is not None:
             ready(banner)
         reporter = (asyncio.create_task(report.run(settings["stats_interval"]))
                     if settings["stats_interval"] > 0 else None)
+        waits = [asyncio.ensure_future(stop.wait()),
+                 asyncio.ensure_future(presence.stepped_down.wait())]
+        if keeper is not None:
+            waits.append(asyncio.ensure_future(keeper.lost.wait()))
         try:
-            await stop.wait()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for waiting in waits:
+                waiting.cancel()
             if reporter is not None:
                 reporter.cancel()
-        log.info("stopping: publishing hub offline and flushing state")
+            if keeper is not None:
+                await keeper.stop()
+        if keeper is not None and keeper.lost.is_set():
+            presence.step_down("another hub took the lease over")
+        if presence.fenced:
+            log.warning("stopping without the final flush and 'offline': the active hub "
+                        "owns the store and the retained state now")
+        else:
+            log.info("stopping: publishing hub offline and flushing state")
     report.final()
-    log.info("stopped cleanly")
+    return bool(presence.fenced)

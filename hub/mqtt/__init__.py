@@ -19,6 +19,7 @@ from hub.broker import BrokerError, TlsListener
 from hub.core.errors import PresenceError
 from hub.mqtt.embedded import EmbeddedTransport
 from hub.mqtt.external import HUB_CLIENT_ID, ExternalTransport
+from hub.mqtt.homeassistant import HomeAssistant
 from hub.mqtt.hub import MqttHub
 from hub.mqtt.transport import CommandRunner, HubService, Transport
 from hub.protocol import BrokerURL, InvalidURL
@@ -71,18 +72,24 @@ def attach_mqtt(
     tls_listen: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    homeassistant: str | None = None,
+    leased: bool = False,
 ) -> MqttHub:
     """Put ``service`` on MQTT: ``broker`` is ``embedded``, ``auto`` or an MQTT URL.
 
     ``auto`` uses a broker that already answers on ``listen``, else starts the embedded one
     there, and logs which.
 
+    ``homeassistant``: Home Assistant's discovery prefix (``homeassistant``) to describe
+    every user there (:mod:`hub.mqtt.homeassistant`); None for none.
+
     For the embedded broker: ``credentials`` is the accounts file (or store); as soon as it
     holds an account, clients must log in and each may touch only its own topics.
     ``allow_anonymous`` (None: only while there are no accounts) and the TLS listener
     (``tls_listen`` HOST:PORT with ``tls_cert``/``tls_key`` PEM files) as in ``presence-hub``.
     For an external broker, the hub's own login is in the URL (``mqtt://user:pass@host``) and
-    ``ca_file``/``tls_insecure`` apply to ``mqtts://``.
+    ``ca_file``/``tls_insecure`` apply to ``mqtts://``. ``leased``: several hubs share the
+    broker and a Redis lease decides which is active (an external broker only).
     """
     host, port = parse_listen(listen)
     tls: TlsListener | None = None
@@ -101,6 +108,9 @@ def attach_mqtt(
             log.info("no broker on %s:%d: starting the embedded broker there", host, port)
             broker = "embedded"
     if broker == "embedded":
+        if leased:
+            raise PresenceError("hubs that share a lease (--standby) need an external broker "
+                                "that all of them reach, not the embedded one")
 
         def factory(hub: MqttHub) -> Transport:
             return EmbeddedTransport(hub, host, port, allow_anonymous=allow_anonymous,
@@ -114,6 +124,9 @@ def attach_mqtt(
 
         def factory(hub: MqttHub) -> Transport:
             return ExternalTransport(hub, url, client_id=client_id, ca_file=ca_file,
-                                     tls_insecure=tls_insecure)
+                                     tls_insecure=tls_insecure, leased=leased)
 
-    return MqttHub(service, factory, commands)
+    hub = MqttHub(service, factory, commands)
+    if homeassistant is not None:
+        hub.discovery = HomeAssistant(hub, homeassistant)
+    return hub

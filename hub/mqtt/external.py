@@ -97,6 +97,18 @@ class HubAlreadyActive(PresenceError):
     """Another hub's retained ``P/hub/status`` says ``online`` on this broker and prefix."""
 
 
+class HubRefused(PresenceError):
+    """The broker refused the hub's login (or its look at ``P/hub/status``) at start.
+
+    A configuration error, not an outage: retrying cannot fix a wrong password, so the hub
+    stops with one line saying what to change instead of running on without a broker.
+    """
+
+
+#: the one CONNACK refusal that is worth retrying: the broker is there but busy
+CONNACK_SERVER_UNAVAILABLE = 3
+
+
 class ExternalTransport:
     """The hub on an external broker through two :class:`~hub.mqtt.client.HubMqttClient`.
 
@@ -115,9 +127,16 @@ class ExternalTransport:
         ca_file: str | None = None,
         tls_insecure: bool = False,
         keepalive: int = 30,
+        leased: bool = False,
     ) -> None:
         self.hub = hub
         self.url = url
+        #: several hubs share this broker and a Redis lease decides which one is active (see
+        #: hub/app/leadership.py): no look at P/hub/status before connecting (a dead active
+        #: hub's status stays 'online' until the broker's keepalive runs out, long after its
+        #: lease), and no reconnect that would take the hub's session over before the lease
+        #: is confirmed ours
+        self.leased = leased
         self.loop = asyncio.get_running_loop()
         if client_id == HUB_CLIENT_ID:
             client_id = hub_client_id(url)
@@ -168,13 +187,15 @@ class ExternalTransport:
     async def start(self) -> None:
         """Check that no other hub is active, then connect (retrying in the background).
 
-        Raises :class:`HubAlreadyActive` (one line for the command line) when another hub is.
+        Raises :class:`HubAlreadyActive` (one line for the command line) when another hub is,
+        and :class:`HubRefused` when the broker refuses the hub's login: only network errors
+        (and a busy broker) are retried, since no retry fixes a wrong password.
         If the broker cannot be asked within :data:`START_WAIT_S`, the hub starts anyway and
         asks before its first connection: while another hub is active it waits, never taking
         that hub's session over.
         """
         deadline = self.loop.time() + START_WAIT_S
-        checked = await self._check_until(deadline)
+        checked = self.leased or await self._check_until(deadline)
         if not checked:
             self.client.before_connect = self._gate
         log.info("connecting to MQTT broker %s as %s", self.url, self.client.client_id)
@@ -188,22 +209,42 @@ class ExternalTransport:
 
     async def _check_until(self, deadline: float) -> bool:
         """Ask the broker whether another hub is active, retrying quickly until ``deadline``;
-        False if it could not be asked. Raises :class:`HubAlreadyActive`."""
+        False if it could not be asked. Raises :class:`HubAlreadyActive`, :class:`HubRefused`."""
         while True:
             try:
                 await self._check_no_active_hub()
                 return True
             except (OSError, TimeoutError, ssl.SSLError, ProtocolError) as exc:
                 why = f"{exc or type(exc).__name__}"
-            except BrokerRefused as exc:  # the hub's own login: retrying now will not help
+            except BrokerRefused as exc:
+                if exc.code != CONNACK_SERVER_UNAVAILABLE:
+                    raise HubRefused(self._refusal(exc)) from None
                 why = f"refused: {exc}"
-                break
             if self.loop.time() >= deadline:
                 break
             await asyncio.sleep(min(FAST_RETRY_S[1], max(0.0, deadline - self.loop.time())))
         log.warning("cannot ask the MQTT broker %s yet whether another presence hub is active "
                     "(%s); the hub asks again before it connects", self.url, why)
         return False
+
+    def _refusal(self, exc: BrokerRefused) -> str:
+        """One line for a refusal at start: what the broker said and what to change."""
+        url, accounts = self.url, ("an account made with 'presence-hub users add-hub' and "
+                                   "given to the broker with 'presence-hub users "
+                                   "export-mosquitto' (then reload Mosquitto)")
+        if exc.code is None:  # the login was accepted; reading P/hub/status was not
+            return (f"the MQTT broker {url} accepted the hub's login but refused it "
+                    f"{exc}: the hub's account must read and write "
+                    f"{self.hub.topics.prefix}/#, as {accounts} may")
+        if exc.code in (4, 5) and url.username:
+            return (f"the MQTT broker {url} refused the hub's login as {url.username!r}: "
+                    f"{exc}. Check the username and password in --broker (or PRESENCE_BROKER, "
+                    f"or broker in the --config file): the hub needs {accounts}")
+        if exc.code in (4, 5):
+            return (f"the MQTT broker {url} refused the hub, which gave no login: {exc}. "
+                    f"Give one in the URL, --broker 'mqtt://presence-hub:PASSWORD@{url.host}:"
+                    f"{url.port}', with {accounts}")
+        return f"the MQTT broker {url} refused the hub: {exc}"
 
     async def _check_no_active_hub(self) -> None:
         """Read the retained ``P/hub/status`` with a client of its own (a random client id and
@@ -239,7 +280,20 @@ class ExternalTransport:
             return f"the MQTT broker {self.url} answered the hub's check garbled: {exc}"
         return None
 
+    async def _lease_gate(self) -> str | None:
+        """The main client's ``before_connect`` after a lost link when hubs share a lease:
+        take the hub's session (from whoever holds it) only while the lease is ours."""
+        if await self.hub.service.confirm_leading():
+            return None
+        return "another hub holds the lease: this hub does not take the hub's session over"
+
     async def stop(self) -> None:
+        if self.hub.service.fenced:
+            # another hub is active: no flush (the store refuses it), no 'offline' over the
+            # new active hub's 'online'; what we did not ack goes to it with the session
+            await self.live.stop()
+            await self.client.stop()
+            return
         # persist and ack what we have before leaving, so nothing is redelivered needlessly
         await self.hub.service.flush()
         self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
@@ -290,6 +344,8 @@ class ExternalTransport:
     def _on_disconnect(self, why: str) -> None:
         log.warning("hub lost the broker %s (%s); reconnecting", self.url, why)
         self.connected.clear()
+        if self.leased:
+            self.client.before_connect = self._lease_gate  # the client clears it once up
         # Without it the hub hears no activity: idle clocks must not run on that silence.
         # What was ingested and not acked is acked after the flush as usual: the broker sends
         # it again on the next connection, and the client acks that copy instead of handing

@@ -62,6 +62,13 @@ class HubService(Protocol):
 
     def ingest(self, messages: Iterable[tuple[str, bytes]]) -> int: ...
 
+    @property
+    def fenced(self) -> bool:
+        """Another hub took the lease over: this one neither writes nor publishes."""
+
+    async def confirm_leading(self) -> bool:
+        """True while this hub may act (always, without a lease); asks Redis when unsure."""
+
     def reject(self, reason: str, detail: str) -> None: ...
 
     def link_up(self) -> None: ...

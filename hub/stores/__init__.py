@@ -9,11 +9,18 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from hub.stores.base import ActivityLimits, Store, StoreError, StoreErrorLog, select_activity
+from hub.stores.base import (
+    ActivityLimits,
+    Store,
+    StoreError,
+    StoreErrorLog,
+    StoreFenced,
+    select_activity,
+)
 from hub.stores.memory import MemoryStore
 
 __all__ = ["STORE_KINDS", "ActivityLimits", "MemoryStore", "Store", "StoreError",
-           "StoreErrorLog", "StoreKind", "open_store", "select_activity"]
+           "StoreErrorLog", "StoreFenced", "StoreKind", "open_store", "select_activity"]
 
 
 StoreKind = Literal["memory", "tinydb", "redis"]
@@ -27,12 +34,16 @@ def open_store(
     redis_url: str | None = None,
     limits: ActivityLimits | None = None,
     namespace: str = "presence",
+    fence: str | None = None,
 ) -> Store:
     """Build the store named by ``kind``; the caller still awaits ``store.open()``.
 
     The TinyDB and Redis modules are imported here, not at the top, so ``redis`` stays an
-    optional extra and a memory-only user never imports either.
+    optional extra and a memory-only user never imports either. ``fence``: the hub lease's
+    fence value every Redis write checks (see :mod:`hub.stores.lease`).
     """
+    if fence is not None and kind != "redis":
+        raise StoreError("a fenced store (hubs sharing a lease) must be Redis")
     if kind == "memory":
         return MemoryStore(limits, keep_users=False)
     if kind == "tinydb":
@@ -51,5 +62,5 @@ def open_store(
                 f"storage 'redis' needs the redis package ({exc}): "
                 "pip install 'mqtt-presence-hub[redis]'"
             ) from exc
-        return RedisStore(redis_url, limits, namespace=namespace)
+        return RedisStore(redis_url, limits, namespace=namespace, fence=fence)
     raise StoreError(f"unknown storage {kind!r}: choose one of {', '.join(STORE_KINDS)}")

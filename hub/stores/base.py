@@ -34,6 +34,14 @@ class StoreError(Exception):
     """
 
 
+class StoreFenced(StoreError):
+    """A write was refused because another hub took the lease over since this one got it.
+
+    Not an outage to retry: this hub is no longer the active one, and every write it would
+    make could overwrite the new active hub's state. The service steps down when it sees it.
+    """
+
+
 #: Plain words for the errors an operator can act on; the system's own text follows them.
 _OS_REASONS = {
     errno.ENOSPC: "the disk is full",

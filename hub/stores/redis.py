@@ -51,7 +51,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hub.core.models import Activity, DeviceRecord, UserRecord
 from hub.protocol.urls import redact_url
-from hub.stores.base import ActivityIds, ActivityLimits, StoreError, select_activity
+from hub.stores.base import ActivityIds, ActivityLimits, StoreError, StoreFenced, select_activity
+from hub.stores.lease import lease_keys
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,13 @@ _CHUNK_USERS = 500
 _ENTRY_FIELD = "a"
 
 _APPEND_SCRIPT = """
--- KEYS[1]: activity stream; ARGV[1]: max entries; ARGV[2]: oldest ms to keep (0: no age cut);
--- ARGV[3..]: triples of received_at (ms), the entry's id and its JSON, oldest first.
+-- KEYS[1]: activity stream; KEYS[2]: the hub lease's fence key; ARGV[1]: max entries;
+-- ARGV[2]: oldest ms to keep (0: no age cut); ARGV[3]: our fence ('' when there is no lease);
+-- ARGV[4..]: triples of received_at (ms), the entry's id and its JSON, oldest first.
+-- Returns -1, writing nothing, when another hub took the lease over (see hub/stores/lease.py).
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  return -1
+end
 local key = KEYS[1]
 local cutoff = tonumber(ARGV[2])
 local last_ms, last_seq = 0, 0
@@ -81,7 +87,7 @@ if redis.call('EXISTS', key) == 1 then
   -- A copy stored by an earlier call has a stream id at or above its received_at: the ids
   -- of the entries from the oldest of this batch on are all that can repeat.
   local oldest = nil
-  for i = 3, #ARGV, 3 do
+  for i = 4, #ARGV, 3 do
     local ms = tonumber(ARGV[i])
     if oldest == nil or ms < oldest then oldest = ms end
   end
@@ -101,7 +107,7 @@ if redis.call('EXISTS', key) == 1 then
     end
   end
 end
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local ms = tonumber(ARGV[i])
   local entry_id = ARGV[i + 1]
   -- Too old already (a raised stream id would keep it past the age cut), or stored before.
@@ -179,6 +185,19 @@ class _HashCodec:
         return out
 
 
+_SWAP_CLEAN_STOP = """
+-- KEYS: the clean-stop marker, the hub lease's fence key. ARGV: new value, our fence ('': none).
+if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return -1
+end
+local was = redis.call('GETSET', KEYS[1], ARGV[1])
+if was == false or was == '1' then
+  return 1
+end
+return 0
+"""
+
+
 _USER_CODEC = _HashCodec(UserRecord, exclude=frozenset({"devices"}))
 _DEVICE_CODEC = _HashCodec(DeviceRecord)
 
@@ -194,14 +213,21 @@ class RedisStore:
         *,
         connect_timeout: float = 5.0,
         timeout: float = DEFAULT_TIMEOUT,
+        fence: str | None = None,
     ) -> None:
         self.url = url
+        #: the hub lease's fence value this store writes under (see :mod:`hub.stores.lease`):
+        #: every write first checks that no other hub took the lease over, and raises
+        #: :class:`StoreFenced` instead of writing if one did. None: no lease, no check.
+        self.fence = fence
+        self.fence_key = lease_keys(namespace)[2]
         self.limits = limits or ActivityLimits()
         self.namespace = namespace
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._client: aioredis.Redis | None = None
         self._append: Any = None
+        self._swap: Any = None
         self._ids = ActivityIds()
         # Writes of this process reach Redis in call order (asyncio.Lock is FIFO); without it
         # two overlapping saves of one user could retry their WATCH and land swapped.
@@ -247,6 +273,7 @@ class RedisStore:
             raise StoreError(f"cannot reach Redis at {where}: {exc}") from exc
         self._client = client
         self._append = client.register_script(_APPEND_SCRIPT)
+        self._swap = client.register_script(_SWAP_CLEAN_STOP)
 
     async def flush(self) -> None:
         """Every batch is written when it is handed over: nothing is buffered."""
@@ -262,8 +289,12 @@ class RedisStore:
 
     async def swap_clean_stop(self, clean: bool) -> bool:
         async def swap() -> bool:
-            was = await self.client.getset(f"{self.namespace}:clean-stop", "1" if clean else "0")
-            return was is None or _text(was) == "1"
+            was = int(await self._swap(
+                keys=[f"{self.namespace}:clean-stop", self.fence_key],
+                args=["1" if clean else "0", self.fence or ""]))
+            if was < 0:
+                raise self._fenced()
+            return was == 1
 
         return await self._guard("record the clean stop", swap, write=True)
 
@@ -285,13 +316,17 @@ class RedisStore:
         args: list[str | int] = [
             self.limits.max_entries,
             max(0, now - self.limits.max_age_ms),
+            self.fence or "",
         ]
         for entry_id, entry in fresh:
             args += [max(0, entry.received_at), entry_id, entry.model_dump_json()]
-        key = self.activity_key(user_id)
-        await self._guard(
-            "append activity", lambda: self._append(keys=[key], args=args), write=True
-        )
+        keys = [self.activity_key(user_id), self.fence_key]
+
+        async def append() -> None:
+            if int(await self._append(keys=keys, args=args)) < 0:
+                raise self._fenced()
+
+        await self._guard("append activity", append, write=True)
         # Only now certainly stored: after a failure the ids go along again and the script
         # skips those an unanswered call did store.
         self._ids.take(entry_id for entry_id, _ in fresh)
@@ -324,6 +359,11 @@ class RedisStore:
             raise StoreError(
                 f"Redis at {redact_url(self.url)}: {action} failed: {self._reason(exc)}"
             ) from exc
+
+    def _fenced(self) -> StoreFenced:
+        return StoreFenced(
+            f"Redis at {redact_url(self.url)}: another hub took the lease over (the fence "
+            f"{self.fence_key} is no longer {self.fence!r}): this hub no longer writes")
 
     def _reason(self, exc: BaseException) -> str:
         """The cause in plain words first: a stall and a refused connection need different
@@ -426,6 +466,9 @@ class RedisStore:
         """
         client = self.client
         reconnected = False
+        if self.fence is not None:
+            # the fence under WATCH: a takeover between our check and EXEC aborts the EXEC
+            watched = [*watched, self.fence_key]
         for _ in range(_WATCH_ATTEMPTS):
             async with client.pipeline(transaction=True) as pipe:
                 try:
@@ -433,7 +476,12 @@ class RedisStore:
                     async with client.pipeline(transaction=False) as reader:
                         for uid in user_ids:
                             reader.smembers(self.device_set_key(uid))
-                        sets: list[set[str]] = await reader.execute()
+                        if self.fence is not None:
+                            reader.get(self.fence_key)
+                        replies: list[Any] = await reader.execute()
+                    if self.fence is not None and replies.pop() != self.fence:
+                        raise self._fenced()
+                    sets: list[set[str]] = replies
                     pipe.multi()  # type: ignore[no-untyped-call]
                     queue(pipe, dict(zip(user_ids, sets, strict=True)))
                     await pipe.execute()

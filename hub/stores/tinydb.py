@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -295,6 +296,7 @@ class TinyDBStore:
         # skipped rather than appended a second time.
         self._ids = ActivityIds()
         self._timer_errors = StoreErrorLog(log)
+        self._lock_fd: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -329,6 +331,7 @@ class TinyDBStore:
             executor, self._executor = self._executor, None
             executor.shutdown(wait=True)
             self._db = None
+            self._unlock()
 
     def _open_sync(self) -> None:
         path = self.path
@@ -350,7 +353,12 @@ class TinyDBStore:
             os.unlink(probe)
         except OSError as exc:
             raise StoreError(f"cannot write the TinyDB file {path}: {os_reason(exc)}") from exc
-        initial = self._read_file()
+        self._lock()
+        try:
+            initial = self._read_file()
+        except BaseException:
+            self._unlock()
+            raise
         for stale in _temp_files(path):
             # Left by a process killed mid-write; the real file is complete without it.
             log.info("removing %s, left over by an interrupted write", stale)
@@ -358,6 +366,39 @@ class TinyDBStore:
                 stale.unlink()
         self._db = _PresenceDB(path, initial, storage=_BufferedAtomicStorage)
         self._storage = self._db.storage  # type: ignore[assignment]
+
+    def _lock(self) -> None:
+        """Hold an exclusive lock on ``FILE.lock`` while open: a second hub on the same file
+        would overwrite this one's writes with its own (each rewrites the whole file), so it
+        is refused at start. The kernel drops the lock when the process dies, SIGKILL too,
+        so a crash never leaves a stale lock behind."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            # held read-only: a file open for writing would keep its file system from being
+            # remounted read-only (the fault tests do that to simulate a failing disk)
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot create the lock file {lock_path}: {os_reason(exc)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise StoreError(
+                f"another process (pid {holder}) uses the TinyDB file {self.path}: two hubs "
+                "on one file would overwrite each other's state; stop that one, or give this "
+                "one its own --db (two hubs that fail over need --storage redis --standby)"
+            ) from None
+        self._lock_fd = fd
+        with contextlib.suppress(OSError):  # who holds it, for the refusal above
+            lock_path.write_text(str(os.getpid()))
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the lock
 
     def _read_file(self) -> _Tables | None:
         path = self.path
