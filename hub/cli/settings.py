@@ -161,21 +161,8 @@ SETTINGS: tuple[Setting, ...] = (
             "a standby takes over about this long after the active hub dies", _duration),
     Setting("hub_name", "", "this hub's name in the lease and logs (default: the host name)",
             _path_or_none),
-    # Home Assistant
-    Setting("homeassistant", False, "describe every user to Home Assistant through its MQTT "
-            "discovery: a device per user with status, custom status, primary device and last "
-            "seen sensors (README, 'Home Assistant')", _switch, switch=True),
-    Setting("homeassistant_prefix", "homeassistant", "Home Assistant's discovery prefix (the "
-            "setting of its MQTT integration), with --homeassistant", _prefix),
     Setting("stats_interval", "60s", "how often to log counts of dropped and refused input "
             "(when there are new ones); 0: only at stop", _duration),
-    # the HTTP side
-    Setting("http", "", "HOST:PORT of the live dashboard, /api/users, /healthz and /metrics "
-            "(e.g. 127.0.0.1:8080; off when empty); beyond loopback only with --http-token",
-            _path_or_none),
-    Setting("http_token", "", "token the HTTP side asks for (Authorization: Bearer TOKEN, or "
-            "basic auth with the token as password; /healthz stays open); better given as "
-            "PRESENCE_HTTP_TOKEN than on the command line, where ps shows it", _path_or_none),
 )
 
 
@@ -255,17 +242,6 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     if out["standby"] and out["broker"] == "embedded":
         raise UsageError("--standby needs an external --broker that every hub reaches, not the "
                          "embedded one")
-    if out["http"] is not None:
-        from hub.web import HttpAddressError, http_access_error, parse_http_address
-
-        try:
-            refused = http_access_error(parse_http_address(out["http"]), out["http_token"])
-        except HttpAddressError as exc:
-            raise UsageError(str(exc)) from None
-        if refused is not None:
-            raise UsageError(refused)
-    # a switch on the command line; the MQTT side takes the discovery prefix, None for off
-    out["homeassistant"] = out["homeassistant_prefix"] if out["homeassistant"] else None
     if out["credentials"] is None:
         from hub.auth import default_credentials_path
 
