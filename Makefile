@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/presence-hub --broker auto --storage tinydb --db presence-data/presence.json
+	$(BIN)/presence-hub --broker auto --storage tinydb --db presence-data/presence.json \
+		--http 127.0.0.1:8080
 
 test: $(STAMP) check
 	$(BIN)/python -m pytest -q

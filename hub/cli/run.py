@@ -63,6 +63,35 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
     return "\n".join(lines)
 
 
+def _attach_web(presence: Any, hub: Any, settings: dict[str, Any]) -> Any:
+    """The HTTP side (``--http``), started and stopped with the service; None without it."""
+    if settings["http"] is None:
+        return None
+    from hub.core.errors import PresenceError
+
+    try:
+        from hub.web.link import MqttLink
+        from hub.web.server import WebServer
+    except ImportError as exc:
+        raise PresenceError(f"--http needs the hub's web stack ({exc.name} is missing): "
+                            "pip install 'mqtt-presence-hub[hub]'") from None
+    web = WebServer(presence, settings["http"], token=settings["http_token"],
+                    link=MqttLink(hub))
+    presence.attach(web)
+    return web
+
+
+def _with_dashboard(banner: str, web: Any, settings: dict[str, Any]) -> str:
+    """The banner with the dashboard's address, above its last line (how to stop)."""
+    if web is None:
+        return banner
+    login = ("   (token: log in with any name and the token as password, or add ?token=TOKEN)"
+             if settings["http_token"] else "")
+    head, _, last = banner.rpartition("\n")
+    return (f"{head}\n  dashboard:    {web.url}{login}\n"
+            f"  metrics:      {web.url}metrics   health: {web.url}healthz\n{last}")
+
+
 def _counter_line(parts: dict[str, dict[str, int]]) -> str:
     return " | ".join(
         f"{group}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
@@ -252,6 +281,7 @@ async def _serve(settings: dict[str, Any], presence: Any, hub: Any, desc: str, b
     lease over (True: stopped without the final flush and ``offline``)."""
     from hub.mqtt import EmbeddedTransport
 
+    web = _attach_web(presence, hub, settings)
     report = CounterReport(presence, hub)
     async with presence:
         tune_gc()
@@ -264,7 +294,8 @@ async def _serve(settings: dict[str, Any], presence: Any, hub: Any, desc: str, b
         if embedded is None and accounts:
             access = (f"enforced by the external broker, not the hub ({accounts} account(s) "
                       "here apply only once exported: presence-hub users export-mosquitto)")
-        banner = _banner(settings, desc, broker, access, tls_url)
+        banner = _with_dashboard(_banner(settings, desc, broker, access, tls_url), web,
+                                 settings)
         if lease is not None:
             from hub.cli.failover import lease_line
 

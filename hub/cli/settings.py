@@ -163,6 +163,13 @@ SETTINGS: tuple[Setting, ...] = (
             _path_or_none),
     Setting("stats_interval", "60s", "how often to log counts of dropped and refused input "
             "(when there are new ones); 0: only at stop", _duration),
+    # the HTTP side
+    Setting("http", "", "HOST:PORT of the live dashboard, /api/users, /healthz and /metrics "
+            "(e.g. 127.0.0.1:8080; off when empty); beyond loopback only with --http-token",
+            _path_or_none),
+    Setting("http_token", "", "token the HTTP side asks for (Authorization: Bearer TOKEN, or "
+            "basic auth with the token as password; /healthz stays open); better given as "
+            "PRESENCE_HTTP_TOKEN than on the command line, where ps shows it", _path_or_none),
 )
 
 
@@ -242,6 +249,15 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     if out["standby"] and out["broker"] == "embedded":
         raise UsageError("--standby needs an external --broker that every hub reaches, not the "
                          "embedded one")
+    if out["http"] is not None:
+        from hub.web import HttpAddressError, http_access_error, parse_http_address
+
+        try:
+            refused = http_access_error(parse_http_address(out["http"]), out["http_token"])
+        except HttpAddressError as exc:
+            raise UsageError(str(exc)) from None
+        if refused is not None:
+            raise UsageError(refused)
     if out["credentials"] is None:
         from hub.auth import default_credentials_path
 
