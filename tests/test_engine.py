@@ -281,6 +281,21 @@ def test_timeouts_are_held_while_the_broker_link_is_down(engine: Engine) -> None
     assert timed_out(engine.tick(back + TIMEOUT)) == [("u", "phone")]
 
 
+@pytest.mark.parametrize("name", [None, "Phone"])
+def test_birth_of_the_known_session_ends_the_hold_named_or_not(engine: Engine,
+                                                               name: str | None) -> None:
+    # the hub's other connection hears the retained birth again while this link is down:
+    # being heard ends the freeze, and the birth is liveness, not an interaction
+    engine.handle(Birth("u", "phone", "s1"), T0)
+    engine.hold_timeouts()
+    assert engine.tick(T0 + AWAY) == ()
+    assert device_status(engine, "phone") == "online"  # frozen
+    fx = engine.handle(Birth("u", "phone", "s1", name), T0 + AWAY)
+    assert [(p.state.status, [d.name for d in p.state.devices]) for p in publishes(fx)] == [
+        ("away", [name or "phone"])]
+    assert events(fx) == [("statusChange", "online", "away")]
+
+
 def test_device_heard_within_the_grace_after_the_link_returns_stays(engine: Engine) -> None:
     engine.handle(Birth("u", "phone", "s1"), T0)
     engine.handle(Birth("u", "tablet", "t1"), T0)

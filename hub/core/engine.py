@@ -573,18 +573,20 @@ class Engine:
                 d.timeout = min(ev.heartbeat_ms * 5 // 2, self._max_timeout)
                 d.born_ts = ev.ts if ev.ts is not None else d.born_ts
                 self._schedule(d, now)
+            renamed = False
             if ev.name and ev.name[:128] != d.name:
                 # the birth came after a heartbeat that stood in for it: take its name
                 d.name = sys.intern(ev.name[:128])
                 self._dirty.add(d.user.id)
-                if d.connected:
-                    d.last_seen = now
-                    self._refresh_user(d.user, now)
-                    return
+                renamed = True
+            # Being heard ends a hold (restart, link outage) whether or not the birth brings
+            # a name: the name is a label and must not decide the device's status.
             if d.connected:
                 d.last_seen = now
                 if d.hold_until is not None:
-                    self._heard(d, None, now)
+                    self._heard(d, None, now)  # re-derives the user, the new name included
+                elif renamed:
+                    self._refresh_user(d.user, now)
             else:
                 self._revive(d, now)
             return
