@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck bench truth faults clean
+.PHONY: run test check lint typecheck bench truth faults tour clean
 
 # setuptools in the venv itself lets tests/test_agent_install.py build the wheel without an
 # isolated build environment. The editable install's "Editable installation" notice from
@@ -29,13 +29,18 @@ test: $(STAMP) check
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check hub device_agent tests bench examples
+	$(BIN)/ruff check hub device_agent tests bench examples tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# README's tour replayed from this checkout on the embedded broker and on a Mosquitto it starts,
+# every promised output checked (tests/test_tour.py runs the same).
+tour: $(STAMP)
+	$(BIN)/python tools/tour.py
 
 # About two minutes: a fleet under handovers, takeovers, sleeps, a hub SIGKILL and a Mosquitto
 # restart; prints the false status changes (goal 0) and the will-to-offline latency.

@@ -100,6 +100,7 @@ Known and left alone (harmless for presence, documented here so nobody is surpri
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.metadata
 import logging
 import math
@@ -189,6 +190,16 @@ class _HideRefusals(logging.Filter):
 
 
 logging.getLogger("amqtt.broker").addFilter(_HideRefusals())
+
+
+class _HideBindFailure(logging.Filter):
+    """amqtt logs a start that failed with its whole traceback before it raises; a listener
+    that cannot bind is then said by :meth:`EmbeddedBroker.start` in one line, so the
+    traceback of that case is noise (any other start failure keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        return not (record.msg == "Broker startup failed" and isinstance(failure, OSError))
 
 
 #: How long the hub's own publishing waits for a client that has fallen behind (see Backlog)
@@ -1012,12 +1023,15 @@ class EmbeddedBroker:
         except (OSError, ValueError) as exc:  # amqtt checks that TLS files exist here
             raise BrokerError(f"cannot configure the broker: {exc}") from exc
         self._stopping = False
+        quiet = _HideBindFailure()
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(quiet)
         try:
             await broker.start()
         except AmqttBrokerError as exc:
-            cause = exc.__cause__ or exc
-            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
-            raise BrokerError(f"cannot listen on {self.host}:{self.port}: {reason}") from exc
+            raise BrokerError(self._bind_failure(broker, exc.__cause__ or exc)) from exc
+        finally:
+            amqtt_log.removeFilter(quiet)
         self._broker = broker
         if self.port == 0:  # the kernel picked one: tests use this to avoid port races
             self.port = _bound_port(broker, "default", self.port)
@@ -1026,6 +1040,21 @@ class EmbeddedBroker:
         tls = f" and {self.tls_url}" if self.tls is not None else ""
         log.info("embedded MQTT broker listening on %s%s; %s", self.url, tls,
                  self.policy.describe())
+
+    def _bind_failure(self, broker: _HubBroker, cause: BaseException) -> str:
+        """One line for a listener that could not open: which address, and for the common
+        case (a system Mosquitto already on 1883) what to do instead."""
+        address = f"{self.host}:{self.port}"
+        # amqtt opens the listeners in order and records each one it opened
+        if self.tls is not None and "default" in broker._servers:
+            address = f"{self.tls.host}:{self.tls.port}"
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+            return (f"cannot listen on {address}: the address is already in use (another "
+                    "MQTT broker, such as a system Mosquitto? --broker auto uses a broker "
+                    "found there; or give the embedded one a free port: --listen "
+                    "127.0.0.1:1884)")
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        return f"cannot listen on {address}: {reason}"
 
     def stop_taking_messages(self) -> None:
         """The hub is stopping: take no more client messages (nor wills, nor connections).
