@@ -266,10 +266,11 @@ def _build(settings: dict[str, Any], broker: str, store: Any, fence: str | None)
             presence, "embedded", listen=settings["listen"],
             credentials=store, allow_anonymous=settings["allow_anonymous"],
             tls_listen=settings["tls_listen"], tls_cert=settings["tls_cert"],
-            tls_key=settings["tls_key"],
+            tls_key=settings["tls_key"], homeassistant=settings["homeassistant"],
         )
     else:
         hub = attach_broker(presence, broker, listen=settings["listen"],
+                            homeassistant=settings["homeassistant"],
                             ca_file=settings["ca_file"], leased=fence is not None)
     return presence, hub
 

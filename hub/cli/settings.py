@@ -161,6 +161,12 @@ SETTINGS: tuple[Setting, ...] = (
             "a standby takes over about this long after the active hub dies", _duration),
     Setting("hub_name", "", "this hub's name in the lease and logs (default: the host name)",
             _path_or_none),
+    # Home Assistant
+    Setting("homeassistant", False, "describe every user to Home Assistant through its MQTT "
+            "discovery: a device per user with status, custom status, primary device and last "
+            "seen sensors (README, 'Home Assistant')", _switch, switch=True),
+    Setting("homeassistant_prefix", "homeassistant", "Home Assistant's discovery prefix (the "
+            "setting of its MQTT integration), with --homeassistant", _prefix),
     Setting("stats_interval", "60s", "how often to log counts of dropped and refused input "
             "(when there are new ones); 0: only at stop", _duration),
     # the HTTP side
@@ -258,6 +264,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
             raise UsageError(str(exc)) from None
         if refused is not None:
             raise UsageError(refused)
+    # a switch on the command line; the MQTT side takes the discovery prefix, None for off
+    out["homeassistant"] = out["homeassistant_prefix"] if out["homeassistant"] else None
     if out["credentials"] is None:
         from hub.auth import default_credentials_path
 

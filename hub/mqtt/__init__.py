@@ -19,6 +19,7 @@ from hub.broker import BrokerError, TlsListener
 from hub.core.errors import PresenceError
 from hub.mqtt.embedded import EmbeddedTransport
 from hub.mqtt.external import HUB_CLIENT_ID, ExternalTransport
+from hub.mqtt.homeassistant import HomeAssistant
 from hub.mqtt.hub import MqttHub
 from hub.mqtt.transport import CommandRunner, HubService, Transport
 from hub.protocol import BrokerURL, InvalidURL
@@ -71,12 +72,16 @@ def attach_mqtt(
     tls_listen: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    homeassistant: str | None = None,
     leased: bool = False,
 ) -> MqttHub:
     """Put ``service`` on MQTT: ``broker`` is ``embedded``, ``auto`` or an MQTT URL.
 
     ``auto`` uses a broker that already answers on ``listen``, else starts the embedded one
     there, and logs which.
+
+    ``homeassistant``: Home Assistant's discovery prefix (``homeassistant``) to describe
+    every user there (:mod:`hub.mqtt.homeassistant`); None for none.
 
     For the embedded broker: ``credentials`` is the accounts file (or store); as soon as it
     holds an account, clients must log in and each may touch only its own topics.
@@ -121,4 +126,7 @@ def attach_mqtt(
             return ExternalTransport(hub, url, client_id=client_id, ca_file=ca_file,
                                      tls_insecure=tls_insecure, leased=leased)
 
-    return MqttHub(service, factory, commands)
+    hub = MqttHub(service, factory, commands)
+    if homeassistant is not None:
+        hub.discovery = HomeAssistant(hub, homeassistant)
+    return hub

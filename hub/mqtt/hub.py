@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent
 from hub.mqtt.transport import CommandRunner, HubService, Transport
@@ -33,6 +34,20 @@ log = logging.getLogger(__name__)
 REPUBLISH_SLICE = 500
 #: unacked messages above which a republish waits for the broker
 REPUBLISH_BACKLOG = 50_000
+
+
+class UserDiscovery(Protocol):
+    """An integration that describes each user to another system once (Home Assistant's MQTT
+    discovery, :mod:`hub.mqtt.homeassistant`): told when a user first appears and when one is
+    removed, never per status change (that system reads the state topics itself)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def user_appeared(self, state: UserStatePayload) -> None: ...
+
+    def user_removed(self, user_id: str) -> None: ...
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
@@ -57,6 +72,9 @@ class MqttHub:
         #: (user, device) -> MQTT client id that sent its birth (embedded broker only)
         self.client_ids: dict[tuple[str, str], str] = {}
         self._republishing: asyncio.Future[None] | None = None
+        #: Home Assistant discovery when on (``attach_mqtt(homeassistant=...)``); None costs
+        #: nothing: it is looked at only the first time a user's state is published
+        self.discovery: UserDiscovery | None = None
 
     @property
     def transport(self) -> Transport:
@@ -69,10 +87,14 @@ class MqttHub:
         self.service.add_sink(self)
         self.service.set_request_handler(self._serve_request)
         await self._transport.start()
+        if self.discovery is not None:
+            await self.discovery.start()
 
     async def stop(self) -> None:
         if self._transport is None:
             return
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self._republishing is not None:
             self._republishing.cancel()
         await self._transport.stop()
@@ -88,7 +110,11 @@ class MqttHub:
         uid = state.user_id
         doc = state.to_json()
         now = (hash(doc), state.status, state.custom_status, state.active_device)
-        was = None if forced else self._retained.get(uid)
+        was = self._retained.get(uid)
+        if was is None and self.discovery is not None:  # the user's first publish
+            self.discovery.user_appeared(state)
+        if forced:
+            was = None
         self._retained[uid] = now
         base = self.topics.user_base(uid)
         publish = self.transport.publish
@@ -111,6 +137,13 @@ class MqttHub:
     def device_removed(self, effect: DeviceRemoved) -> None:
         """Clear the device's retained ``conn`` (an empty retained message deletes it)."""
         self._publish(self.topics.device(effect.user_id, effect.device_id, "conn"), b"", 1, True)
+
+    def user_removed(self, user_id: str) -> None:
+        """The user is gone from the hub: forget what its retained topics held (it would be
+        new again), and take it out of Home Assistant."""
+        self._retained.pop(user_id, None)
+        if self.discovery is not None:
+            self.discovery.user_removed(user_id)
 
     def before_flush(self) -> None:
         self.transport.before_flush()
