@@ -134,7 +134,7 @@ class RedisLease:
     """
 
     def __init__(self, url: str, namespace: str, *, name: str, mode: LeaseMode,
-                 ttl_ms: int, timeout: float = 2.0) -> None:
+                 ttl_ms: int, timeout: float = 2.0, host: str | None = None) -> None:
         if ttl_ms < 100:
             raise ValueError(f"a lease of {ttl_ms} ms is too short (at least 100 ms)")
         self.url = url
@@ -143,6 +143,8 @@ class RedisLease:
         self.mode: LeaseMode = mode
         self.ttl_ms = ttl_ms
         self.timeout = timeout
+        #: this machine's name, to recognise the lease of a dead previous run of it
+        self.host = host if host is not None else socket.gethostname()
         self.lease_key, self.epoch_key, self.fence_key = lease_keys(namespace)
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
@@ -193,7 +195,7 @@ class RedisLease:
     def _dead_here(self, holder: LeaseHolder) -> bool:
         """The holder is a process of this host that no longer runs (or this very process,
         as in a container restarted under the same pid: it has not acquired yet)."""
-        if holder.host != socket.gethostname() or holder.pid <= 0:
+        if holder.host != self.host or holder.pid <= 0:
             return False
         if holder.pid == os.getpid():
             return True
@@ -210,7 +212,7 @@ class RedisLease:
         got, raw, pttl = await self._call(
             "acquiring", "acquire", [self.lease_key, self.epoch_key, self.fence_key],
             [instance, self.name, self.mode, self.ttl_ms, int(time.time() * 1000), replacing,
-             socket.gethostname(), os.getpid()])
+             self.host, os.getpid()])
         holder = LeaseHolder.parse(raw, int(pttl))
         if not got:
             return holder

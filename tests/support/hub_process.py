@@ -13,6 +13,8 @@ from pathlib import Path
 from tests.support.wait import wait_for
 
 READY_LINE = "presence hub running"
+#: what a hub started with --standby prints while another hub is active
+STANDBY_LINE = "presence hub standing by"
 
 
 class HubProcess:
@@ -27,7 +29,8 @@ class HubProcess:
         self._reader: threading.Thread | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 15.0) -> HubProcess:
+    def start(self, timeout: float = 15.0, ready_line: str = READY_LINE) -> HubProcess:
+        """Start and wait for ``ready_line`` (the banner; :data:`STANDBY_LINE` for a standby)."""
         self.starts += 1
         log = open(self.workdir / f"hub-{self.starts}.log", "w")  # noqa: SIM115 - closed by reader
         self.proc = subprocess.Popen(
@@ -45,7 +48,7 @@ class HubProcess:
                     self.lines.append(line.rstrip())
                     log.write(line)
                     log.flush()
-                    if READY_LINE in line:
+                    if ready_line in line:
                         ready.set()
 
         self._reader = threading.Thread(target=read, daemon=True)
@@ -57,6 +60,29 @@ class HubProcess:
 
     def output(self) -> str:
         return "\n".join(self.lines)
+
+    def wait_line(self, text: str, timeout: float = 15.0, after: int = 0) -> int:
+        """Wait until a line from index ``after`` on contains ``text``; return its index."""
+        found: list[int] = []
+
+        def seen() -> bool:
+            for i in range(after, len(self.lines)):
+                if text in self.lines[i]:
+                    found.append(i)
+                    return True
+            return False
+
+        wait_for(seen, timeout, f"the hub to print {text!r}")
+        return found[0]
+
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes (a long GC, a VM migration), its sockets stay open."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def _wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
