@@ -46,7 +46,7 @@ from hub.protocol import (
     validate_id,
 )
 
-from .config import AgentConfig, load_config
+from .config import KEYS_BY_NAME, AgentConfig, load_config
 from .errors import AgentError, BrokerUnavailable, ConfigError, HubUnavailable
 from .transport import connect_error_text, is_failure, make_client, reason_text
 
@@ -83,15 +83,25 @@ def chat_text(words: Sequence[str]) -> str:
     return " ".join([CHAT_PREFIX, *(quote_word(w) for w in words)])
 
 
+#: the agent's settings that the command takes as flags too (the rest come from the agent's
+#: config file and PRESENCE_* only: a heartbeat interval means nothing to one request)
+_CONNECTION_KEYS: Final = ("broker", "broker_username", "user", "device", "prefix", "timeout",
+                           "ca_file", "cert_file", "key_file", "tls_insecure")
+
+
 def _common_options() -> _Parser:
+    """Options accepted before and after the subcommand, with the agent's names and help."""
     common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
-    group = common.add_argument_group("connection (default: the agent's config and PRESENCE_*)")
-    group.add_argument("--broker", metavar="URL", help="MQTT broker URL [PRESENCE_BROKER]")
-    group.add_argument("--user", metavar="ID", help="your user id [PRESENCE_USER]")
-    group.add_argument("--device", metavar="ID", help="this device's id [PRESENCE_DEVICE]")
-    group.add_argument("--prefix", metavar="PREFIX", help="topic prefix [PRESENCE_PREFIX]")
-    group.add_argument("--timeout", metavar="DURATION",
-                       help="how long to wait for the hub, e.g. 5s (default 5s) [PRESENCE_TIMEOUT]")
+    group = common.add_argument_group(
+        "connection (default: the agent's config file and PRESENCE_*)")
+    for name in _CONNECTION_KEYS:
+        key = KEYS_BY_NAME[name]
+        help_text = f"{key.help} [{key.env}]"
+        if key.kind == "bool":
+            group.add_argument(key.flag, dest=key.name, action="store_true", help=help_text)
+        else:
+            group.add_argument(key.flag, dest=key.name, metavar=key.metavar or "VALUE",
+                               help=help_text)
     group.add_argument("--config", metavar="PATH", help="agent config file [PRESENCE_CONFIG]")
     common.add_argument("--json", action="store_true",
                         help="print the reply's structured data as JSON instead of the text")
@@ -105,36 +115,90 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Ask the mqtt-presence hub about presence, or set your status. Each subcommand is\n"
-            "sent to the hub as the chat command of the same name ('/presence who ...')."
+            "Ask the mqtt-presence hub about presence, or set your status. Each command is\n"
+            "sent to the hub as the chat command of the same name ('/presence who ...') from\n"
+            "this user and device, and the hub's answer is printed. With no command: your\n"
+            "status, custom status and primary device, on one line."
         ),
         epilog=(
             "examples:\n"
-            "  presence                       your status and devices\n"
+            "  presence                       your status, custom status and primary device\n"
             "  presence who telegram-123      who is online (on a channel)\n"
+            "  presence users                 every known user, offline ones too (a page)\n"
             "  presence activity --limit 5 --since 1h\n"
             "  presence dnd                   set your status\n"
             '  presence status "In a meeting" / presence status --clear\n'
             "  presence devices remove old-phone\n"
-            "  presence --json who | jq ."
+            "  presence --json who | jq .\n\n"
+            "On a broker with accounts, log in as the device's account (USER/DEVICE); the\n"
+            "password comes from PRESENCE_BROKER_PASSWORD, the config file or the URL, never\n"
+            "from a flag (other users could read it in the process list):\n"
+            "  PRESENCE_BROKER_USERNAME=alice/laptop PRESENCE_BROKER_PASSWORD=... \\\n"
+            "    presence --broker hub.lan:1883 --user alice --device laptop who\n\n"
+            "'presence COMMAND --help' describes each command."
         ),
     )
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
-    who = sub.add_parser("who", parents=[common], help="who is online, optionally on a channel")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=summary,
+                              description=f"{summary[0].upper()}{summary[1:]}. {description}")
+
+    who = command("who", "who is online, optionally on a channel",
+                  "Users whose status is online, away or dnd (offline users and invisible ones"
+                  " are left out), sorted by user id, a page at a time; with a channel, only"
+                  " those active on it recently.")
     who.add_argument("channel", nargs="?", help="channel id, e.g. telegram-123")
-    act = sub.add_parser("activity", parents=[common], help="your recent activity, newest first")
-    act.add_argument("--limit", type=int, metavar="N", help="at most N entries")
+    _paging(who, "who")
+    users = command("users", "every user the hub knows, offline ones too",
+                    "Each user's status, custom status and primary device, sorted by user id,"
+                    " a page at a time. (Accounts are another list: presence-hub users list.)")
+    _paging(users, "users")
+    act = command("activity", "your recent activity, newest first",
+                  "What the hub recorded for your user: type, channel, device, and when.")
+    act.add_argument("--limit", type=int, metavar="N", help="at most N entries (default 10)")
     act.add_argument("--since", metavar="DURATION", help="only the last DURATION, e.g. 1h")
     for status in STATUSES:
-        sub.add_parser(status, parents=[common], help=f"set your status to {status}")
-    st = sub.add_parser("status", parents=[common], help="set or clear your custom status text")
+        note = (" Others see you offline while your devices stay connected (invisible)."
+                if status == "offline" else
+                " 'online' clears a status you set: it then follows your devices again."
+                if status == "online" else
+                " It holds until you set another one.")
+        command(status, f"set your status to {status}", note.strip())
+    st = command("status", "set or clear your custom status text",
+                 "The text every device of yours and every watcher sees beside your status.")
     st.add_argument("text", nargs="*", help='the custom status, e.g. "In a meeting"')
     st.add_argument("--clear", action="store_true", help="remove the custom status")
-    dev = sub.add_parser("devices", parents=[common], help="list your devices, or remove one")
+    dev = command("devices", "list your devices, or remove one",
+                  "Each device with its name, status and when it was last seen; * marks the"
+                  " primary one. 'remove ID' forgets a device (a running agent of it comes"
+                  " back with its next birth).")
     dev.add_argument("action", nargs="?", choices=["remove"], help="remove a device")
     dev.add_argument("device_id", nargs="?", metavar="ID", help="the device to remove")
-    sub.add_parser("sync", parents=[common], help="republish your state and show who acked it")
+    command("sync", "republish your state and show who acked it",
+            "The hub republishes your retained state and asks every device of yours to ack"
+            " it; the answer is how many of them have the current version.")
     return parser
+
+
+def _paging(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="at most N users in this page (default 200, at most 1000)")
+    parser.add_argument("--after", metavar="USER",
+                        help=f"the page after this user id (the hub names it: 'more: ... {name}"
+                        " --after USER')")
+
+
+def _page_words(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> list[str]:
+    words = []
+    if ns.limit is not None:
+        if ns.limit < 1:
+            parser.error(f"--limit must be 1 or more, not {ns.limit}")
+        words += ["--limit", str(ns.limit)]
+    if ns.after is not None:
+        _check_id(parser, ns.after, "user id")
+        words += ["--after", ns.after]
+    return words
 
 
 def command_words(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
@@ -143,10 +207,13 @@ def command_words(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> li
     if name is None:
         return []
     if name == "who":
-        if ns.channel is None:
-            return ["who"]
-        _check_id(parser, ns.channel, "channel id")
-        return ["who", ns.channel]
+        words = ["who"]
+        if ns.channel is not None:
+            _check_id(parser, ns.channel, "channel id")
+            words.append(ns.channel)
+        return words + _page_words(parser, ns)
+    if name == "users":
+        return ["users", *_page_words(parser, ns)]
     if name == "activity":
         words = ["activity"]
         if ns.limit is not None:
@@ -225,7 +292,7 @@ def ask_hub(config: AgentConfig, command: str, timeout: float) -> ReplyPayload:
     client.connect_timeout = max(0.1, timeout)
     client.on_connect = lambda _c, _u, _f, rc, _p: events.put(("connack", rc))
     client.on_disconnect = lambda _c, _u, _f, rc, _p: events.put(("disconnect", rc))
-    client.on_subscribe = lambda _c, _u, mid, _rcs, _p: events.put(("suback", mid))
+    client.on_subscribe = lambda _c, _u, mid, rcs, _p: events.put(("suback", (mid, rcs)))
 
     def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic != reply_topic:
@@ -271,13 +338,22 @@ def ask_hub(config: AgentConfig, command: str, timeout: float) -> ReplyPayload:
             )
         result, sub_mid = client.subscribe(reply_topic, qos=1)
         while result == mqtt.MQTT_ERR_SUCCESS:
-            mid = wait("suback")
-            if mid is None:
+            suback = wait("suback")
+            if suback is None:
                 raise BrokerUnavailable(
                     f"the broker at {broker} did not confirm the subscription within {timeout:g}s"
                 )
-            if mid == sub_mid:
-                break
+            mid, codes = suback
+            if mid != sub_mid:
+                continue
+            if any(is_failure(code) for code in codes):
+                # the embedded broker refuses a filter outside the login's grant; without
+                # the replies nothing could arrive, so say so instead of timing out
+                raise BrokerUnavailable(
+                    f"the broker at {broker} does not let this login read {reply_topic}"
+                    f" (logged in as {broker.username or 'nobody'})"
+                )
+            break
         client.publish(request_topic, body, qos=1)
         reply = wait("reply")
         if reply is None:
@@ -302,15 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     command = chat_text(command_words(ns, parser))
     settings = {
-        name: getattr(ns, name)
-        for name in ("broker", "user", "device", "prefix", "timeout", "config")
-        if hasattr(ns, name)
+        name: getattr(ns, name) for name in (*_CONNECTION_KEYS, "config") if hasattr(ns, name)
     }
     try:
         config = load_config(settings)
         reply = ask_hub(config, command, config.timeout_ms / 1000)
     except HubUnavailable as exc:  # includes BrokerUnavailable
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        # a device account used for another device fails in one of several ways (refused,
+        # closed, denied, never answered) depending on the broker: the cause is the same
+        mismatch = config.account_mismatch()
+        print(f"{PROG}: {exc}" + (f"; {mismatch}" if mismatch else ""), file=sys.stderr)
         return 1
     except AgentError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

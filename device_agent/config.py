@@ -74,8 +74,8 @@ class Key:
 
 
 KEYS: Final[tuple[Key, ...]] = (
-    Key("broker", "url", "MQTT broker URL: mqtt://[user:pass@]host[:1883] or mqtts://host[:8883]"
-        " (default mqtt://localhost:1883)", "URL"),
+    Key("broker", "url", "MQTT broker: HOST:PORT, mqtt://[user:pass@]host[:1883] or"
+        " mqtts://host[:8883] (default localhost:1883)", "URL"),
     Key("broker_username", "str", "broker username (overrides the one in the URL)", "NAME"),
     Key("broker_password", "str", "broker password (overrides the one in the URL)",
         has_flag=False),
@@ -189,6 +189,29 @@ class AgentConfig:
         """The MQTT client id of the connection whose session id is ``session``."""
         template = self.client_id or expand_client_id(DEFAULT_CLIENT_ID, self.user, self.device)
         return template.replace("{session}", session)
+
+    def account_mismatch(self) -> str | None:
+        """Why the broker will refuse this device's presence, when its login is another
+        device's account, else None.
+
+        Device accounts are named ``USER/DEVICE`` and may publish only below their own
+        device's topics (the last will included, checked at CONNECT), so a login of
+        ``alice/phone`` with ``--device laptop`` is refused with a bare "Not authorized". The
+        account name says which identity it allows: this says it in words.
+        """
+        username = self.broker.username
+        if not username or username.count("/") != 1:
+            return None
+        user, device = username.split("/")
+        try:
+            validate_id(user, "user id")
+            validate_id(device, "device id")
+        except InvalidId:
+            return None  # not one of our device accounts
+        if (user, device) == (self.user, self.device):
+            return None
+        return (f"the account {username} may act only as user {user!r} device {device!r}"
+                f" (--user {user} --device {device}), not as {self.user}/{self.device}")
 
     @property
     def fixed_client_id(self) -> bool:
@@ -347,12 +370,7 @@ def _build(
     broker = conv.url("broker") or BrokerURL.parse(_DEFAULT_BROKER)
     username = conv.text("broker_username")
     password = conv.text("broker_password")
-    if username is not None or password is not None:
-        broker = replace(
-            broker,
-            username=username if username is not None else broker.username,
-            password=password if password is not None else broker.password,
-        )
+    broker = broker.with_login(username, password)
     prefix = conv.text("prefix") or DEFAULT_PREFIX
     try:
         validate_prefix(prefix)

@@ -60,7 +60,13 @@ from tests.test_agent_helpers import (  # noqa: F401  (isolated_env is a fixture
         (["devices"], "/presence devices"),
         (["devices", "remove", "old-phone"], "/presence devices remove old-phone"),
         (["sync"], "/presence sync"),
+        (["who", "--limit", "50", "--after", "bob"], "/presence who --limit 50 --after bob"),
+        (["who", "tg-1", "--after", "bob"], "/presence who tg-1 --after bob"),
+        (["users"], "/presence users"),
+        (["users", "--limit", "2", "--after", "alice"], "/presence users --limit 2 --after alice"),
         # global options anywhere do not leak into the text
+        (["--ca-file", "ca.pem", "users", "--tls-insecure"], "/presence users"),
+        (["--broker-username", "alice/laptop", "who"], "/presence who"),
         (["--json", "who", "--timeout", "1s", "tg-1"], "/presence who tg-1"),
         (["--broker", "mqtt://h:1", "sync", "--user", "bob"], "/presence sync"),
     ],
@@ -87,6 +93,8 @@ def test_status_text_survives_shell_style_splitting(text: str) -> None:
         (["devices", "remove"], "which device?"),
         (["devices", "remove", "a#b"], "invalid device id"),
         (["bogus"], "invalid choice"),
+        (["users", "--after", "a/b"], "invalid user id"),
+        (["who", "--limit", "0"], "--limit must be 1 or more"),
     ],
 )
 def test_wrong_input_is_one_line_and_exit_2(
@@ -397,6 +405,33 @@ def test_every_subcommand_against_the_real_hub(
         assert agent.stats["connections"] == 1  # asking never disturbed the agent
 
 
+@pytest.mark.slow
+def test_users_lists_offline_users_too_a_page_at_a_time(
+    hub_broker: MosquittoProcess, isolated_env: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``who`` leaves offline users out; ``presence users`` is how to find them (issue 15,
+    item 11), paged like ``who`` so no request holds the hub."""
+    first = Presence(hub_broker.url, "cmd-users-a", capsys)
+    second = Presence(hub_broker.url, "cmd-users-b", capsys)
+    # users with no device online: offline, with their custom status
+    assert first("status", "On holiday")[0] == 0
+    assert second("status", "Back soon")[0] == 0
+    page = first.json("users", "--after", "cmd-users-", "--limit", "1")
+    assert [(u["userId"], u["status"], u["customStatus"]) for u in page["users"]] == [
+        ("cmd-users-a", "offline", "On holiday")]
+    assert page["next"] == "cmd-users-a"
+    code, out, err = first("users", "--after", "cmd-users-", "--limit", "1")
+    lines = out.splitlines()
+    assert (code, err, lines[0]) == (0, "", "1 user:"), out
+    assert lines[1].split() == ["USER", "STATUS", "PRIMARY", "LAST", "SEEN", "CUSTOM"]
+    assert lines[2].split()[:3] == ["cmd-users-a", "offline", "-"] and "On holiday" in lines[2]
+    assert lines[3] == "more: /presence users --after cmd-users-a"
+    page = first.json("users", "--after", "cmd-users-a", "--limit", "1")
+    assert [u["userId"] for u in page["users"]] == ["cmd-users-b"]
+    assert "cmd-users-a" not in [u["userId"] for u in first.json("who")["users"]]
+
+
 # --------------------------------------------------------------------------------------------
 # The installed command, as a shell runs it
 
@@ -424,6 +459,9 @@ def test_the_installed_command_exit_status_and_one_line_errors(
     assert (done.returncode, done.stdout, done.stderr) == (
         0, 'custom status set to "On call"\n', "")
     done = _shell(*common, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["customStatus"] == "On call"
+    # HOST:PORT as for mosquitto_sub, like the examples take it (issue 15, item 7)
+    done = _shell("--broker", f"{hub_broker.host}:{hub_broker.port}", *common[2:], "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["customStatus"] == "On call"
 
     for args, status, message in [

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from hub.protocol import (
     MAX_PAYLOAD_BYTES,
     AckPayload,
+    BrokerURL,
     ConnPayload,
     DeviceMessage,
     HeartbeatPayload,
     InvalidId,
+    InvalidURL,
     Rejection,
     SetPayload,
     Topics,
@@ -179,10 +181,42 @@ def test_broker_urls_are_parsed_once_for_hub_and_agent_and_never_show_passwords(
         "hub.lan", 8883, True, "alice/phone", "s3cret")
     assert "s3cret" not in str(url) and "s3cret" not in repr(url)
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
-    for bad in ("hub.lan:1883", "http://hub.lan", "mqtt://", "mqtt://h/path", "mqtt://h:99999"):
+    for bad in ("http://hub.lan", "mqtt://", "mqtt://h/path", "mqtt://h:99999",
+                "mqtt://u:s3cret@h:99999", "u:s3cret@h:99999", "alice/phone:s3cret@h", ""):
         with pytest.raises(InvalidURL) as info:
             BrokerURL.parse(bad)
         assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("hub.lan:1884", BrokerURL("hub.lan", 1884)),
+    ("hub.lan", BrokerURL("hub.lan", 1883)),
+    (" 127.0.0.1:1883 ", BrokerURL("127.0.0.1", 1883)),
+    ("[::1]:1999", BrokerURL("::1", 1999)),
+    ("alice%2Fphone:pw@hub.lan", BrokerURL("hub.lan", 1883, False, "alice/phone", "pw")),
+    ("mqtt://hub.lan:1884", BrokerURL("hub.lan", 1884)),
+    ("mqtts://hub.lan", BrokerURL("hub.lan", 8883, True)),
+])
+def test_a_broker_is_host_port_or_a_url_everywhere(text: str, parsed: BrokerURL) -> None:
+    """One parser for the hub, the agent, ``presence`` and the examples (issue 15, item 7):
+    ``HOST:PORT`` as for mosquitto_sub, or a URL; without a scheme it is plain MQTT."""
+    assert BrokerURL.parse(text) == parsed
+
+
+def test_errors_about_a_broker_address_quote_it_and_say_what_works() -> None:
+    with pytest.raises(InvalidURL, match=r"'::1:1883'.*in brackets: \[::1\]:1883"):
+        BrokerURL.parse("::1:1883")
+    with pytest.raises(InvalidURL, match=r"'alice/phone:\*\*\*@h'.*a / in a username as %2F"):
+        BrokerURL.parse("alice/phone:pw@h")
+    with pytest.raises(InvalidURL, match="use HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:8883"):
+        BrokerURL.parse("hub.lan:port")
+
+
+def test_a_login_from_flags_or_environment_wins_over_the_url() -> None:
+    url = BrokerURL.parse("mqtt://a:b@h")
+    assert url.with_login("c", None) == BrokerURL("h", 1883, False, "c", "b")
+    assert url.with_login(None, "d") == BrokerURL("h", 1883, False, "a", "d")
+    assert url.with_login(None, None) == url
 
 
 @pytest.mark.parametrize(("event", "user", "old", "new", "ts"), [

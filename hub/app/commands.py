@@ -9,6 +9,7 @@ and the same service calls, so a command means the same everywhere.
 from __future__ import annotations
 
 import argparse
+import heapq
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ HELP = """\
 /presence                      your status, custom status and primary device
 /presence who [channel] [--limit N] [--after USER]
                                who is online (optionally: active on a channel), a page at a time
+/presence users [--limit N] [--after USER]
+                               every user the hub knows, offline ones too, a page at a time
 /presence activity [--limit N] [--since 1h]   your recent activity, newest first
 /presence online|away|dnd|offline             set your status (offline = invisible)
 /presence status "In a meeting"               set your custom status
@@ -103,6 +106,8 @@ async def _dispatch(presence: PresenceService, user_id: str, words: list[str]) -
         return CommandResult(True, HELP, {"help": HELP})
     if verb == "who":
         return await _who(presence, args)
+    if verb == "users":
+        return await _users(presence, args)
     if verb == "activity":
         return await _activity(presence, user_id, args)
     if verb in STATUS_WORDS:
@@ -145,11 +150,16 @@ WHO_PAGE = 200
 WHO_PAGE_MAX = 1000
 
 
-def _who_parser() -> _Parser:
-    p = _Parser(prog="/presence who", add_help=False)
-    p.add_argument("channel", nargs="?")
+def _page_parser(prog: str) -> _Parser:
+    p = _Parser(prog=prog, add_help=False)
     p.add_argument("--limit", type=int, default=WHO_PAGE)
     p.add_argument("--after", default=None)
+    return p
+
+
+def _who_parser() -> _Parser:
+    p = _page_parser("/presence who")
+    p.add_argument("channel", nargs="?")
     return p
 
 
@@ -176,6 +186,39 @@ async def _who(presence: PresenceService, args: list[str]) -> CommandResult:
     text = header + "\n" + _table(("USER", "STATUS", "PRIMARY", "CUSTOM"), rows)
     if more:
         text += f"\nmore: /presence who {channel + ' ' if channel else ''}--after {nxt}"
+    return CommandResult(True, text, data)
+
+
+async def _users(presence: PresenceService, args: list[str]) -> CommandResult:
+    """Every user the hub knows, offline ones included, by user id, a page at a time (as
+    ``who``: one request must not hold the loop nor send megabytes). Offline users are who
+    ``who`` leaves out; this is how to find them, and their last primary device."""
+    opts = _page_parser("/presence users").parse_args(args)
+    if not 1 <= opts.limit <= WHO_PAGE_MAX:
+        raise CommandError(f"--limit must be 1-{WHO_PAGE_MAX}")
+    after = opts.after
+    ids = (uid for uid in presence.engine.user_ids() if after is None or uid > after)
+    # one more than the page tells whether another page follows
+    page = heapq.nsmallest(opts.limit + 1, ids)
+    more = len(page) > opts.limit
+    page = page[:opts.limit]
+    statuses = await presence.get_statuses(page)
+    users = [statuses[uid] for uid in page]
+    nxt = page[-1] if more else None
+    data = {"users": [u.model_dump(mode="json", by_alias=True) for u in users], "next": nxt}
+    if not users:
+        return CommandResult(True, "no users" + (f" after {after}" if after else ""), data)
+    now = presence.clock.wall()
+    rows = [
+        (u.user_id, u.status, u.active_device or "-",
+         "-" if u.last_seen is None else _ago(now, u.last_seen), u.custom_status or "")
+        for u in users
+    ]
+    header = (f"{len(users)} user{'s' if len(users) != 1 else ''}"
+              + (" (first page)" if more and after is None else "") + ":")
+    text = header + "\n" + _table(("USER", "STATUS", "PRIMARY", "LAST SEEN", "CUSTOM"), rows)
+    if more:
+        text += f"\nmore: /presence users --after {nxt}"
     return CommandResult(True, text, data)
 
 
