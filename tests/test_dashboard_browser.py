@@ -1,5 +1,6 @@
 """The dashboard in a real headless Chromium: it shows a user go online, dnd with a custom
-status, and offline, each as it happens, with no reload of the page.
+status, and offline, each as it happens, with no reload of the page; and it works with the
+token given either way a browser can (``?token=``, or a login with the token as password).
 
 The hub runs in the test's loop (embedded broker and HTTP side on free loopback ports, with a
 token, so the page's ``?token=`` path is what is tested); the device is a raw MQTT client on
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from hub.app.factory import attach_broker, create_presence_service
+from hub.app.service import PresenceService
 from hub.web.link import MqttLink
 from hub.web.server import WebServer
 from tests.support.mqtt_clients import SimDevice
@@ -28,6 +30,7 @@ TOKEN = "dashboard-test-token"
 
 @dataclass
 class Hub:
+    service: PresenceService
     mqtt_port: int
     url: str
 
@@ -40,7 +43,7 @@ async def hub() -> AsyncIterator[Hub]:
     web = WebServer(service, "127.0.0.1:0", token=TOKEN, link=MqttLink(mqtt))
     service.attach(web)
     async with service:
-        yield Hub(mqtt_port, web.url)
+        yield Hub(service, mqtt_port, web.url)
 
 
 def user_row(user: str) -> str:
@@ -83,3 +86,16 @@ async def test_the_page_shows_a_user_go_online_dnd_and_offline_live(hub: Hub) ->
         assert await browser.evaluate("window.presenceTestMark") == "same page"  # no reload
         assert not [line for line in browser.console if line.startswith("uncaught")], (
             browser.console)
+
+
+async def test_a_browser_login_with_the_token_as_password_opens_the_page(hub: Hub) -> None:
+    """The page asks the browser to log in (basic auth); the login then serves the page's own
+    requests too (its event stream), as a person answering the prompt would see."""
+    await hub.service.set_device_status("amy", "phone", "online")
+    chromium = find_binary("chromium", "apt-get install chromium")
+    async with Chromium(binary=chromium) as browser:
+        await browser.answer_logins("amy", TOKEN)
+        await browser.open(hub.url)
+        await browser.wait_for(
+            f"document.body.dataset.stream === 'live' && {user_row('amy')}?.dataset.status "
+            "=== 'online'", 10, "the page live with amy online after the login")

@@ -150,6 +150,15 @@ def test_the_hub_refuses_to_start_with_an_open_or_bad_http_address(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+def test_the_readme_quotes_the_refusal_as_the_hub_says_it(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PRESENCE_HTTP_TOKEN", raising=False)
+    assert hub_main(["--http", "0.0.0.0:8080"]) == 2
+    said = capsys.readouterr().err.strip()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"$ presence-hub --http 0.0.0.0:8080\n{said}\n" in readme, said
+
+
 def test_loopback_needs_no_token_and_every_other_address_does() -> None:
     for host in ("127.0.0.1", "127.0.0.53", "::1", "[::1]", "localhost"):
         assert http_access_error(parse_http_address(f"{host}:8080"), None) is None, host

@@ -22,11 +22,13 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -70,7 +72,9 @@ class Chromium:
         self.width = width
         self.height = height
         self.start_timeout = start_timeout
-        self._profile = tempfile.TemporaryDirectory(prefix="presence-chromium-")
+        # its helper processes may still write there for a moment after they are killed
+        self._profile = tempfile.TemporaryDirectory(prefix="presence-chromium-",
+                                                    ignore_cleanup_errors=True)
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -78,6 +82,8 @@ class Chromium:
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._events: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._handlers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: what the page logged to its console, and its uncaught errors (for test failures)
         self.console: list[str] = []
 
@@ -146,7 +152,9 @@ class Chromium:
         if self._session is not None:
             await self._session.close()
         if self._proc is not None and self._proc.returncode is None:
-            self._proc.kill()
+            # the browser and its helpers (renderer, GPU, zygote): its own process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             await self._proc.wait()
         self._profile.cleanup()
 
@@ -175,6 +183,8 @@ class Chromium:
             for waiter in self._events.pop(method, []):
                 if not waiter.done():
                     waiter.set_result(data.get("params", {}))
+            for handler in self._handlers.get(method, []):
+                handler(data.get("params", {}))
         for waiter in self._replies.values():  # the browser went away
             if not waiter.done():
                 waiter.set_exception(BrowserError("chromium closed the DevTools connection"))
@@ -193,6 +203,25 @@ class Chromium:
             raise BrowserError(f"{method}: {reply['error'].get('message')}")
         result: dict[str, Any] = reply.get("result", {})
         return result
+
+    def on(self, method: str, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``handler(params)`` on every event ``method`` (on the reader: no waiting)."""
+        self._handlers.setdefault(method, []).append(handler)
+
+    def _later(self, method: str, params: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self.send(method, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def answer_logins(self, username: str, password: str) -> None:
+        """Answer every HTTP login prompt (basic auth) as a person at the browser would."""
+        self.on("Fetch.requestPaused", lambda p: self._later(
+            "Fetch.continueRequest", {"requestId": p["requestId"]}))
+        self.on("Fetch.authRequired", lambda p: self._later("Fetch.continueWithAuth", {
+            "requestId": p["requestId"], "authChallengeResponse": {
+                "response": "ProvideCredentials", "username": username, "password": password}}))
+        await self.send("Fetch.enable", {"handleAuthRequests": True,
+                                         "patterns": [{"urlPattern": "*"}]})
 
     def next_event(self, method: str) -> asyncio.Future[dict[str, Any]]:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

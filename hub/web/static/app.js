@@ -13,7 +13,10 @@
   const STATUS_ORDER = ["online", "dnd", "away", "offline"];
   const EVENTS_SHOWN = 50;
   const token = new URLSearchParams(location.search).get("token");
-  const withToken = (path) => (token ? `${path}?token=${encodeURIComponent(token)}` : path);
+  // beside the page, without the user:password@ a page opened that way has in its URL (the
+  // browser refuses requests to such URLs, and sends the credentials it keeps by itself)
+  const base = location.origin + location.pathname.replace(/[^/]*$/, "");
+  const withToken = (path) => base + (token ? `${path}?token=${encodeURIComponent(token)}` : path);
 
   const $ = (id) => document.getElementById(id);
   const list = $("users");
