@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 MARGIN = 0.75
 #: renewals per TTL: two may fail (a Redis hiccup) before the lease is in doubt
 RENEWALS_PER_TTL = 4
+#: how often a standby asks for the lease: a takeover starts at most this long after the
+#: active hub's lease lapsed (one small Lua call; cheap for Redis at this rate)
+STANDBY_POLL_S = 0.25
 
 
 class LeaseKeeper:
@@ -109,12 +112,12 @@ class LeaseKeeper:
 
 async def wait_for_lease(lease: RedisLease, stop: asyncio.Event,
                          monotonic: Callable[[], float] = time.monotonic) -> float | None:
-    """As a standby: try to take the lease every ``ttl / RENEWALS_PER_TTL`` until it is ours
-    (the monotonic time the winning call was sent) or ``stop`` is set (None).
+    """As a standby: try to take the lease every :data:`STANDBY_POLL_S` (at most) until it is
+    ours (the monotonic time the winning call was sent) or ``stop`` is set (None).
 
     Says in the log who is active, once, and again whenever that changes.
     """
-    interval = lease.ttl_ms / 1000 / RENEWALS_PER_TTL
+    interval = min(STANDBY_POLL_S, lease.ttl_ms / 1000 / RENEWALS_PER_TTL)
     seen: tuple[int, str] | None = None
     failing = False
     while not stop.is_set():
