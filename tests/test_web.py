@@ -73,6 +73,22 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebHub]:
         proc.stop()
 
 
+@contextlib.contextmanager
+def online(*devices: SimDevice) -> Iterator[None]:
+    """The devices online for the block, offline cleanly after it: the hub has applied a clean
+    offline when its PUBACK arrives, so the next test starts from settled counts (a closed
+    socket's will would land a second later, in the middle of the next test)."""
+    try:
+        for device in devices:
+            device.online()
+        yield
+    finally:
+        for device in devices:
+            if device.paho.is_connected():
+                device.clean_offline()
+            device.close()
+
+
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -217,9 +233,7 @@ def test_api_users_are_the_state_payloads_in_pages(hub: WebHub) -> None:
     watcher = Watcher(HOST, hub.mqtt_port).start()
     devices = [hub.device("ann", "laptop", "Ann's laptop"), hub.device("ann", "phone"),
                hub.device("ben", "phone"), hub.device("cy", "pi")]
-    try:
-        for device in devices:
-            device.online()
+    with contextlib.closing(watcher), online(*devices):
         devices[2].set(status="dnd", custom_status="On a call")
         watcher.wait_status("ben", "dnd")
         for user in ("ann", "ben", "cy"):
@@ -249,10 +263,6 @@ def test_api_users_are_the_state_payloads_in_pages(hub: WebHub) -> None:
         for bad in ("0", "-1", "5001", "lots"):
             status, _h, body = get(hub.base + f"/api/users?limit={bad}", bearer())
             assert status == 400 and "limit" in json.loads(body)["error"], bad
-    finally:
-        for device in devices:
-            device.close()
-        watcher.close()
 
 
 def test_metrics_follow_a_small_fleet(hub: WebHub) -> None:
@@ -263,15 +273,12 @@ def test_metrics_follow_a_small_fleet(hub: WebHub) -> None:
 
     mia_laptop, mia_phone = hub.device("mia", "laptop"), hub.device("mia", "phone")
     noah = hub.device("noah", "phone")
-    devices = [mia_laptop, mia_phone, noah]
-    try:
-        for device in devices:
-            device.online()
-        now = scrape_until(hub.base, lambda t: delta(t, "presence_users", status="online") == 2,
-                           "2 more users online")
-        assert delta(now, "presence_devices", status="online") == 3
+    with online(mia_laptop, mia_phone, noah):
+        now = scrape_until(hub.base, lambda t: delta(t, "presence_users", status="online") == 2
+                           and delta(t, "presence_devices", status="online") == 3,
+                           "2 more users and 3 more devices online")
         assert delta(now, "presence_messages_total", kind="conn") >= 3
-        assert delta(now, "presence_broker_clients") >= 3
+        assert value(now, "presence_broker_clients") >= 3  # others may still be leaving
         assert delta(now, "presence_status_changes_total", status="online") == 2
         assert value(now, "presence_broker_link_up") == 1
         assert value(now, "presence_hub_role", role="active") == 1
@@ -288,27 +295,21 @@ def test_metrics_follow_a_small_fleet(hub: WebHub) -> None:
 
         mia_laptop.clean_offline()
         mia_phone.clean_offline()
-        now = scrape_until(hub.base, lambda t: delta(t, "presence_users", status="offline") == 1,
-                           "mia offline")
+        now = scrape_until(hub.base, lambda t: delta(t, "presence_users", status="offline") == 1
+                           and delta(t, "presence_devices", status="offline") == 2,
+                           "mia and her devices offline")
         assert delta(now, "presence_users", status="online") == 0
-        assert delta(now, "presence_devices", status="offline") == 2
         assert delta(now, "presence_devices", status="online") == 1
         assert delta(now, "presence_status_changes_total", status="offline") == 1
-    finally:
-        for device in devices:
-            device.close()
 
 
 def test_promtool_accepts_the_metrics(hub: WebHub) -> None:
     promtool = find_binary("promtool", "apt-get install prometheus (it brings promtool)")
     device = hub.device("pia", "laptop")
-    try:
-        device.online()
+    with online(device):
         device.publish(device.topic("activity"), b"{}", qos=1)  # a drop reason, to have labels
-        text = scrape_until(hub.base, lambda t: value(t, "presence_devices", status="online") >= 1,
-                            "a device online")
-    finally:
-        device.close()
+        text = scrape_until(hub.base, lambda t: value(t, "presence_devices", status="online")
+                            >= 1, "a device online")
     done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -346,8 +347,7 @@ def test_the_event_stream_delivers_a_status_change(hub: WebHub) -> None:
     assert kind == "hello" and hello["health"]["status"] == "ok"
     assert next(e for e, _d in events if e == "ready")
     device = hub.device("lea", "phone")
-    try:
-        device.online()
+    with contextlib.closing(conn), online(device):
         assert next(d for e, d in events if e == "user" and d["userId"] == "lea")["status"] == (
             "online")
         device.set(status="dnd", custom_status="Focus")
@@ -358,9 +358,6 @@ def test_the_event_stream_delivers_a_status_change(hub: WebHub) -> None:
         change = next(d for e, d in events if e == "event" and d["userId"] == "lea"
                       and d.get("new") == "dnd")
         assert change["kind"] == "statusChange" and change["old"] == "online"
-    finally:
-        device.close()
-        conn.close()
 
 
 # ------------------------------------------------------------------------------ in-process
