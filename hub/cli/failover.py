@@ -39,10 +39,16 @@ def hub_name(settings: dict[str, Any]) -> str:
     return str(settings.get("hub_name") or socket.gethostname())
 
 
+#: the machine a hub says it runs on in its lease (default: the host name); a lease left by a
+#: dead process of the same machine is taken at once. Tests and ``make failover`` run two hubs
+#: on one machine as two machines with it.
+LEASE_HOST_ENV = "PRESENCE_LEASE_HOST"
+
+
 def make_lease(settings: dict[str, Any]) -> RedisLease:
     return RedisLease(settings["redis_url"], settings["prefix"], name=hub_name(settings),
                       mode="standby" if settings["standby"] else "single",
-                      ttl_ms=settings["lease_ttl"])
+                      ttl_ms=settings["lease_ttl"], host=os.environ.get(LEASE_HOST_ENV) or None)
 
 
 def _refusal(holder: LeaseHolder, settings: dict[str, Any]) -> str:
