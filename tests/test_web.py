@@ -14,6 +14,7 @@ import base64
 import contextlib
 import http.client
 import json
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -436,6 +437,43 @@ async def test_a_browser_that_falls_behind_is_dropped_and_the_hub_goes_on() -> N
             async with session.get(f"http://{HOST}:{web.port}/api/events") as resp:
                 assert resp.status == 200
                 assert await resp.content.readline() == b"retry: 2000\n"
+
+
+async def test_a_browser_that_stops_reading_is_dropped_once_a_write_times_out() -> None:
+    service = create_presence_service(storage="memory")
+    web = WebServer(service, f"{HOST}:0", write_timeout=0.3)
+    service.attach(web)
+    async with service:
+        for i in range(4000):  # about 1 MB of state: more than the socket buffers hold
+            await service.set_device_status(f"user-{i:04}", "phone", "online")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (HOST, web.port))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /api/events HTTP/1.1\r\nHost: hub\r\n\r\n")
+        await writer.drain()
+        await async_wait_for(lambda: len(web.feed.streams) == 1, 5, "the stream open")
+        async with aiohttp.ClientSession() as session:
+            # the hub answers while that write hangs, and drops the browser after it times out
+            async with session.get(f"http://{HOST}:{web.port}/healthz") as resp:
+                assert resp.status == 200
+            await async_wait_for(lambda: not web.feed.streams, 5, "the stuck browser dropped")
+        writer.close()
+
+
+async def test_dashboards_beyond_the_limit_are_turned_away() -> None:
+    service = create_presence_service(storage="memory")
+    web = WebServer(service, f"{HOST}:0", max_streams=1)
+    service.attach(web)
+    async with service, aiohttp.ClientSession() as session:
+        url = f"http://{HOST}:{web.port}/api/events"
+        async with session.get(url) as first:
+            assert first.status == 200
+            await async_wait_for(lambda: len(web.feed.streams) == 1, 5, "the first stream")
+            async with session.get(url) as second:
+                assert second.status == 503
+                assert "dashboards are open" in (await second.json())["error"]
 
 
 def state(user: str, version: int) -> UserStatePayload:

@@ -34,8 +34,7 @@ from hub.protocol import UserStatePayload
 RECENT_EVENTS = 50
 #: users with a state waiting for one stream beyond which that stream is dropped
 PENDING_USERS = 10_000
-#: why a stream ends when the hub stops (the only end that leaves its connection to close
-#: cleanly)
+#: why every stream ends when the hub stops
 STOPPING = "the hub is stopping"
 #: upper bounds of the flush-duration buckets (seconds): a memory flush takes microseconds,
 #: a TinyDB rewrite of a big file seconds
@@ -80,8 +79,8 @@ class Stream:
         self.wake = asyncio.Event()
         #: why the stream ends (set once): its writer stops at the next wake-up
         self.ended: str | None = None
-        #: called when the stream falls behind (the server aborts the connection, so a
-        #: writer stuck on a full socket returns at once)
+        #: called when the stream is dropped (the server aborts the connection, so a writer
+        #: stuck on a full socket returns at once)
         self.on_drop: Callable[[], None] | None = None
 
     def state(self, state: UserStatePayload) -> None:
@@ -89,9 +88,7 @@ class Stream:
             return
         self._states[state.user_id] = state  # the newest state of a user replaces the older
         if len(self._states) > self._limit:
-            self.end(f"fell behind by more than {self._limit} users")
-            if self.on_drop is not None:
-                self.on_drop()
+            self.end(f"fell behind by more than {self._limit} users", drop=True)
             return
         self.wake.set()
 
@@ -105,7 +102,8 @@ class Stream:
             self._health = frame
             self.wake.set()
 
-    def end(self, why: str) -> None:
+    def end(self, why: str, drop: bool = False) -> None:
+        """No more to send; ``drop`` also cuts the connection (its writer may be stuck)."""
         if self.ended is not None:
             return
         self.ended = why
@@ -113,6 +111,8 @@ class Stream:
         self._events.clear()
         self._health = None
         self.wake.set()
+        if drop and self.on_drop is not None:
+            self.on_drop()
 
     def take(self) -> bytes:
         """Everything pending as one write (serialized now: a state replaced while it waited
@@ -172,8 +172,10 @@ class LiveFeed:
         self.streams.discard(stream)
 
     def end_all(self, why: str) -> None:
+        """End every stream and cut its connection: a browser stuck on a full socket must
+        not hold up the hub's stop."""
         for stream in list(self.streams):
-            stream.end(why)
+            stream.end(why, drop=True)
 
     def health(self, frame: bytes) -> None:
         for stream in self.streams:

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -64,6 +66,9 @@ HEALTH_INTERVAL_S = 5.0
 WRITE_TIMEOUT_S = 10.0
 #: open dashboards at most: each costs a task and a pending set
 MAX_STREAMS = 64
+#: the kernel's send buffer of an event stream (it doubles it): with autotuning a browser
+#: that stopped reading could hold megabytes of the hub's memory in its socket
+STREAM_SNDBUF = 256 * 1024
 #: users per ``users`` event when a dashboard opens
 SNAPSHOT_PAGE = 500
 API_PAGE = 500
@@ -87,7 +92,8 @@ class WebServer:
 
     def __init__(self, service: PresenceService, address: HttpAddress | str, *,
                  token: str | None = None, link: BrokerLink | None = None,
-                 pending_users: int = PENDING_USERS) -> None:
+                 pending_users: int = PENDING_USERS, max_streams: int = MAX_STREAMS,
+                 write_timeout: float = WRITE_TIMEOUT_S) -> None:
         if isinstance(address, str):
             address = parse_http_address(address)
         refused = http_access_error(address, token)
@@ -100,6 +106,9 @@ class WebServer:
         self._token = TokenCheck(token) if token is not None else None
         #: users with a change waiting for one browser beyond which it is dropped
         self.pending_users = pending_users
+        self.max_streams = max_streams
+        #: seconds a write to one browser may take before that browser is dropped
+        self.write_timeout = write_timeout
         self.feed = LiveFeed(service.clock.wall)
         self.counts = StatusCounts(service.engine)
         self.registry = CollectorRegistry()
@@ -253,8 +262,8 @@ class WebServer:
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """The dashboard's live stream (see the module docstring for its events)."""
-        if len(self.feed.streams) >= MAX_STREAMS:
-            return _json({"error": f"{MAX_STREAMS} dashboards are open already"}, 503)
+        if len(self.feed.streams) >= self.max_streams:
+            return _json({"error": f"{self.max_streams} dashboards are open already"}, 503)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -262,36 +271,40 @@ class WebServer:
         transport = request.transport
         if transport is not None:
             stream.on_drop = transport.abort
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
+        send = functools.partial(_send, within=self.write_timeout)
         self.feed.open(stream)  # from now on changes queue up for it: nothing falls between
-        healthy = False
         try:
             counts = await self.counts.get()
             hello = {"health": self._health(counts),
                      "events": [e.to_dict() for e in self.feed.recent],
                      "prefix": self.service.topics.prefix}
-            await _send(response, b"retry: %d\n\n" % RETRY_MS
+            await send(response, b"retry: %d\n\n" % RETRY_MS
                         + sse("hello", json.dumps(hello).encode()))
-            await self._send_users(response, stream)
-            await _send(response, sse("ready", b"{}"))
+            await self._send_users(response, stream, send)
+            await send(response, sse("ready", b"{}"))
             while stream.ended is None:
                 await stream.wake.wait()
                 if stream.ended is not None:
                     break
                 blob = stream.take()
                 if blob:
-                    await _send(response, blob)
-            healthy = stream.ended == STOPPING
+                    await send(response, blob)
         except (ConnectionError, TimeoutError):
-            pass  # gone, or not reading: dropped below
+            pass  # gone, or not reading
         finally:
             self.feed.close(stream)
             stream.end("closed")
-            if not healthy and transport is not None:
-                # a stuck browser's socket is full: finishing the response would wait on it
+            if transport is not None:
+                # however it ended, the connection goes (the browser reconnects): finishing
+                # the response properly would wait on a stuck browser's full socket
                 transport.abort()
         return response
 
-    async def _send_users(self, response: web.StreamResponse, stream: Stream) -> None:
+    async def _send_users(self, response: web.StreamResponse, stream: Stream,
+                          send: Callable[[web.StreamResponse, bytes], Awaitable[None]]) -> None:
         """Every user, a page per event; the page keeps a state only if it is not older than
         one it has (a change queued meanwhile may be sent after a newer snapshot)."""
         engine = self.service.engine
@@ -301,11 +314,11 @@ class WebServer:
                 return
             states = [s.to_json() for s in map(engine.snapshot, ids[start:start + SNAPSHOT_PAGE])
                       if s is not None]
-            await _send(response, sse("users", b"[" + b",".join(states) + b"]"))
+            await send(response, sse("users", b"[" + b",".join(states) + b"]"))
 
 
-async def _send(response: web.StreamResponse, blob: bytes) -> None:
-    async with asyncio.timeout(WRITE_TIMEOUT_S):
+async def _send(response: web.StreamResponse, blob: bytes, within: float) -> None:
+    async with asyncio.timeout(within):
         await response.write(blob)
 
 
