@@ -84,6 +84,18 @@ def agent_test_modules() -> dict[str, list[str]]:
     return out
 
 
+def agent_plugins() -> list[str]:
+    """The conftest's fixture plugins that need only the agent (the others would fail to
+    import on a plain install, and the agent tests use none of their fixtures)."""
+    names: list[str] = []
+    for node in ast.parse((TESTS / "conftest.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "pytest_plugins" for t in node.targets):
+            names = list(ast.literal_eval(node.value))
+    return [name for name in names if not any(
+        _needs_more_than_the_agent(m) for m in _imports(ROOT / (name.replace(".", "/") + ".py")))]
+
+
 def hub_stack() -> set[str]:
     """Distributions of the extras ``[hub]`` and ``[redis]`` and amqtt's baggage, normalized:
     a plain install must bring none of them."""
@@ -177,9 +189,10 @@ def agent_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentVenv]:
     (copy / "support").mkdir(parents=True)
     for path in (TESTS / "support").glob("*.py"):
         shutil.copy2(path, copy / "support" / path.name)
-    for name in ("__init__.py", "conftest.py", "test_agent_helpers.py",
+    for name in ("__init__.py", "test_agent_helpers.py",
                  *(m for m, why in agent_test_modules().items() if not why)):
         shutil.copy2(TESTS / name, copy / name)
+    (copy / "conftest.py").write_text(f"pytest_plugins = {agent_plugins()!r}\n")
     # the checkout's pytest settings name plugins (asyncio, timeout) a plain install lacks;
     # its markers are all that the agent tests need of them
     markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"][
@@ -196,6 +209,8 @@ def test_the_agent_modules_are_the_ones_that_need_only_the_agent() -> None:
     # the daemon as a process, its settings, and its MQTT behaviour must all be among them
     assert {"test_agent_cli.py", "test_agent_config.py", "test_agent_truth.py"} <= runnable, \
         modules
+    # with the fixtures they use: a real Mosquitto, the watcher and the proxy
+    assert {"tests.support.procs", "tests.support.agent_fixtures"} <= set(agent_plugins())
     # those that start a hub are left out, for the reason the report names
     assert any("tests.support.hub_process" in why for why in modules.values()), modules
 
