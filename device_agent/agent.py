@@ -321,6 +321,10 @@ class PresenceAgent:
                 " birth); use a template with {session} unless the broker demands a fixed id",
                 self.config.client_id,
             )
+        mismatch = self.config.account_mismatch()
+        if mismatch is not None:
+            log.warning("%s: the broker will refuse this agent, or drop what it publishes",
+                        mismatch)
         if self._idle_source is None:
             self._idle_source = make_idle_source(self.config.idle_source)
         self._acquire_lock()
@@ -543,7 +547,9 @@ class PresenceAgent:
                     self._sleep_until_woken()
                     continue
                 if outcome.outcome == "refused-permanent":
-                    self._give_up(f"the broker at {broker} refused the connection: {outcome.detail}")
+                    mismatch = self.config.account_mismatch()
+                    self._give_up(f"the broker at {broker} refused the connection: {outcome.detail}"
+                                  + (f"; {mismatch}" if mismatch else ""))
                     break
                 # A connection that held for a while starts the backoff afresh; one that drops
                 # at once (a duplicate client id, an ACL kick) keeps backing off.
@@ -919,11 +925,11 @@ class PresenceAgent:
         elif topic == self._state_topic:
             self._on_state(client, bytes(message.payload))
         elif topic == self._conn_topic:
-            self._on_conn(bytes(message.payload))
+            self._on_conn(client, bytes(message.payload))
         # status/custom/primary repeat what the state carries; the versioned state is the
         # single source for callbacks, so the plain-text topics are not used here.
 
-    def _on_conn(self, payload: bytes) -> None:
+    def _on_conn(self, client: mqtt.Client, payload: bytes) -> None:
         """Our own conn topic: a birth of a session that is not this device's is a second agent.
 
         Two agents for one user and device (say, the same config on two machines, where no
@@ -934,7 +940,8 @@ class PresenceAgent:
         and sleeping messages of other sessions are no sign of a live agent.
         """
         self.stats["conn_seen"] += 1
-        if not payload:  # the retained conn was cleared (the device was removed)
+        if not payload:  # the retained conn was cleared: the device was removed at the hub
+            self._born_again(client)
             return
         try:
             conn = ConnPayload.model_validate_json(payload)
@@ -960,6 +967,19 @@ class PresenceAgent:
             self.config.user, self.config.device, conn.session, conn.name or "?", born,
             self._session or "?",
         )
+
+    def _born_again(self, client: mqtt.Client) -> None:
+        """The hub forgot this device while its agent runs (``presence devices remove``) and
+        cleared its retained birth. The next heartbeat would bring it back, but by its id
+        alone: heartbeats carry no name. So the same session is born again, and the device
+        comes back as it was first born, name and heartbeat interval included."""
+        session = self._session
+        if session is None or not self.connected:
+            return
+        birth = ConnPayload(state="online", session=session, name=self.config.name, ts=now_ms(),
+                            heartbeat_ms=self.config.heartbeat_interval_ms, idle_ms=self._idle_ms())
+        client.publish(self._conn_topic, birth.to_json(), qos=1, retain=True)
+        log.info("this device was removed at the hub while running: announced it again")
 
     def _on_reply(self, payload: bytes) -> None:
         try:

@@ -194,7 +194,7 @@ class AccessPolicy:
             grant = self._grant(account)
         if will_topic is not None and not grant.may_publish(will_topic):
             self.note("forbidden_will", "refused client %s (%s): its will topic %r is not its "
-                      "own", client, grant.who, will_topic[:200])
+                      "own; %s", client, grant.who, will_topic[:200], _allowed(grant))
             return Verdict(None, "forbidden_will", CONNACK_NOT_AUTHORIZED)
         return Verdict(grant, username=username or None)
 
@@ -211,7 +211,7 @@ class AccessPolicy:
             if grant.may_publish(topic):
                 return True
             self.note("forbidden_publish", "dropped a publish of client %s (%s) to %r: not its "
-                      "topic", client, grant.who, topic[:200])
+                      "topic; %s", client, grant.who, topic[:200], _allowed(grant))
         elif action == Action.RECEIVE:
             if grant.may_receive(topic):
                 return True
@@ -224,6 +224,15 @@ class AccessPolicy:
             self.note("forbidden_subscribe", "refused a subscription of client %s (%s) to %r",
                       client, grant.who, topic[:200])
         return False
+
+
+def _allowed(grant: Grant) -> str:
+    """What an account may publish to, for a refusal's log line: a device account used with
+    the wrong ``--device`` gets a bare "not authorized", and this line is where an operator
+    sees which identity the account allows."""
+    if not grant.publish:
+        return "it may publish nothing (a read-only account)"
+    return f"it may publish only to {', '.join(grant.publish)}"
 
 
 def listen_policy_error(hosts: Iterable[str], policy: AccessPolicy) -> str | None:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
+import shutil
 import signal
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hub.core.errors import PresenceError
@@ -19,19 +23,43 @@ from hub.protocol import format_duration_ms
 
 log = logging.getLogger("presence-hub")
 
-def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
-            access: str | None = None, tls_url: str | None = None) -> str:
-    host, _, port = settings["listen"].rpartition(":")
-    if broker != "embedded":
-        from hub.protocol import BrokerURL
+def script_prefix(executable: str | None = None, cwd: Path | None = None,
+                  path: str | None = None) -> str:
+    """What to put before ``presence-agent`` (and ``presence``, ``presence-hub``) in commands
+    shown to the user: ``""`` when the shell finds this installation's scripts on ``PATH``
+    (an activated venv, a system install), else their folder, ``.venv/bin/`` for a checkout's
+    venv run from the checkout. A fresh clone's ``make run`` has no venv on ``PATH``, and a
+    bare ``presence-agent`` there is "command not found" (or another installation's)."""
+    bin_dir = Path(executable or sys.executable).absolute().parent  # not resolved: a venv's
+    if not (bin_dir / "presence-agent").exists():                   # python is a symlink
+        return ""  # not run from an installation's scripts: nothing better to say
+    found = shutil.which("presence-agent", path=path)
+    if found is not None and Path(found).absolute().parent == bin_dir:
+        return ""
+    try:
+        return f"{bin_dir.relative_to((cwd or Path.cwd()).absolute())}/"
+    except ValueError:
+        return f"{bin_dir}/"
 
+
+def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
+            access: str | None = None, tls_url: str | None = None,
+            scripts: str | None = None) -> str:
+    """The start-up lines: what runs, and commands that work as shown for this configuration
+    (with accounts: logins, and the watcher's filter, which is narrower than ``P/#``)."""
+    from hub.protocol import BrokerURL
+
+    host, _, port = settings["listen"].rpartition(":")
+    hub_login = None
+    if broker != "embedded":
         parsed = BrokerURL.parse(broker)
-        host, port = parsed.host, str(parsed.port)
+        host, port, hub_login = parsed.host, str(parsed.port), parsed.username
     if host.strip("[]") in ("0.0.0.0", "::", ""):  # listening everywhere: name this machine
         import socket
 
         host = socket.gethostname()
     prefix = settings["prefix"]
+    scripts = script_prefix() if scripts is None else scripts
     lines = [
         f"presence hub running: {broker_desc}; storage {settings['storage']}"
         f"{' ' + settings['db'] if settings['storage'] == 'tinydb' else ''}; heartbeat "
@@ -44,20 +72,38 @@ def _banner(settings: dict[str, Any], broker_desc: str, broker: str,
     if tls_url is not None:
         lines.append(f"  TLS:          {tls_url}")
     url = f"mqtt://{host}:{port}"
-    if access is not None and access.startswith(("authentication on", "enforced by the external")):
-        login = "PRESENCE_BROKER_USERNAME=alice/laptop PRESENCE_BROKER_PASSWORD=..."
+    device = f"--broker {url} --user alice --device laptop"
+    # an external broker the hub logs in to has accounts of its own, whatever this box holds
+    logins = hub_login is not None or (access is not None and access.startswith(
+        ("authentication on", "enforced by the external")))
+    if logins:
+        from hub.auth import default_credentials_path
+        from hub.cli.settings import SETTINGS
+
+        where = ""
+        if Path(settings["credentials"]) != default_credentials_path(settings["db"]):
+            where = f" --credentials {shlex.quote(str(settings['credentials']))}"
+        elif settings["db"] != next(s.default for s in SETTINGS if s.name == "db"):
+            where = f" --db {shlex.quote(str(settings['db']))}"
+        export = ("; then export-mosquitto and reload Mosquitto" if broker != "embedded"
+                  else "")
+        login = "PRESENCE_BROKER_USERNAME=alice/laptop PRESENCE_BROKER_PASSWORD=PASSWORD"
         lines += [
             f"  watch:        mosquitto_sub -h {host} -p {port} -u WATCHER -P PASSWORD "
-            f"-t '{prefix}/users/#' -v   (presence-hub users add-watcher WATCHER)",
-            "  join device:  presence-hub users add alice laptop   (prints the password), then",
-            f"                {login} presence-agent --broker {url} --user alice --device laptop",
-            f"  ask the hub:  {login} presence --broker {url} --user alice who",
+            f"-t '{prefix}/users/#' -v",
+            f"                (a read-only account, {scripts}presence-hub users add-watcher "
+            f"WATCHER{where}: it may read {prefix}/users/#, {prefix}/events/# and "
+            f"{prefix}/hub/status)",
+            f"  join device:  {scripts}presence-hub users add alice laptop{where}   (prints "
+            f"its password{export}), then",
+            f"                {login} {scripts}presence-agent {device}",
+            f"  ask the hub:  {login} {scripts}presence {device} who",
         ]
     else:
         lines += [
             f"  watch:        mosquitto_sub -h {host} -p {port} -t '{prefix}/#' -v",
-            f"  join device:  presence-agent --broker {url} --user alice --device laptop",
-            f"  ask the hub:  presence --broker {url} --user alice who",
+            f"  join device:  {scripts}presence-agent {device}",
+            f"  ask the hub:  {scripts}presence {device} who",
         ]
     lines.append("  stop:         Ctrl-C")
     return "\n".join(lines)

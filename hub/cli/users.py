@@ -13,6 +13,12 @@ from typing import Any
 from hub.cli.settings import SETTINGS, UsageError, resolve
 from hub.protocol import InvalidId
 
+#: where ``add``, ``add-hub`` and ``add-watcher`` take the password from, for --help
+PASSWORD_SOURCES = (
+    "The password comes from --password, else from stdin when it is not a terminal (one "
+    "line: echo \"$PW\" | presence-hub users add ...), else it is generated and printed "
+    "once. From a script whose stdin is not a terminal, pipe a password or pass --generate.")
+
 
 def build_users_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -29,21 +35,25 @@ def build_users_parser() -> argparse.ArgumentParser:
     pw.add_argument("--password", help="the password (visible to other local users in the "
                     "process list: prefer piping it on stdin)")
     pw.add_argument("--generate", action="store_true",
-                    help="generate a random password and print it (the default on a terminal)")
+                    help="generate a random password and print it once: the default on a "
+                    "terminal; from a script (stdin not a terminal) say it, or pipe a password")
 
     parser = argparse.ArgumentParser(
         prog="presence-hub users",
         description="Accounts of the embedded broker (and, exported, of Mosquitto). As soon as "
         "one account exists, every client must log in: devices as USER/DEVICE, each allowed "
         "to publish only below PREFIX/devices/USER/DEVICE/ and to read its own user's topics.",
-        epilog="The password comes from --password, else from stdin when it is not a terminal "
-        "(one line), else it is generated and printed once. The running hub picks up changes "
-        "at the next connection; a removed account keeps a connection it already has until "
-        "it reconnects (restart the hub to cut it off at once).",
+        epilog=PASSWORD_SOURCES + " The running hub picks up changes at the next connection; "
+        "a removed account keeps a connection it already has until it reconnects (restart "
+        "the hub to cut it off at once). Removing an account leaves the user's presence "
+        "state; 'presence devices remove ID' forgets a device there.",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser("add", parents=[common, password],
-                         help="add a device account USER/DEVICE, or give it a new password")
+                         help="add a device account USER/DEVICE, or give it a new password",
+                         description="Add the account USER/DEVICE, which may publish only "
+                         "below PREFIX/devices/USER/DEVICE/ and read USER's topics. "
+                         + PASSWORD_SOURCES)
     add.add_argument("user")
     add.add_argument("device")
     hub_parser = sub.add_parser(
@@ -94,7 +104,10 @@ def _read_password(ns: argparse.Namespace, stdin: Any) -> tuple[str, bool]:
     line = stdin.readline()
     password = line.rstrip("\r\n")
     if not password:
-        raise UsageError("no password on stdin (pipe one line, or use --generate)")
+        raise UsageError(
+            "no password on stdin: stdin is not a terminal (a script, a pipe, /dev/null), so "
+            "the password is read from it, one line; pipe one (echo \"$PW\" | presence-hub "
+            "users ...), or pass --generate to have one generated and printed")
     return password, False
 
 

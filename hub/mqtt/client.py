@@ -93,7 +93,15 @@ class ProtocolError(Exception):
 
 
 class BrokerRefused(Exception):
-    """The broker answered but refused: a CONNACK return code or a refused subscription."""
+    """The broker answered but refused: a CONNACK return code or a refused subscription.
+
+    ``code`` is the CONNACK return code (None for a subscription), so a caller can tell a
+    login the broker will never accept (4, 5) from a broker that is busy for now (3).
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Attempt(NamedTuple):
@@ -932,7 +940,8 @@ async def read_retained(
             if first >> 4 != CONNACK or len(body) != 2:
                 raise ProtocolError("no CONNACK")
             if body[1]:
-                raise BrokerRefused(CONNACK_REFUSALS.get(body[1], f"return code {body[1]}"))
+                raise BrokerRefused(CONNACK_REFUSALS.get(body[1], f"return code {body[1]}"),
+                                    body[1])
             writer.write(encode_subscribe(1, [(topic, 0)]))
             retained: bytes | None = None
             subscribed = False
