@@ -264,10 +264,10 @@ class WebServer:
         """The dashboard's live stream (see the module docstring for its events)."""
         if len(self.feed.streams) >= self.max_streams:
             return _json({"error": f"{self.max_streams} dashboards are open already"}, 503)
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
-        await response.prepare(request)
         stream = Stream(self.pending_users)
+        # counted and fed from here on (no await since the check): changes made while the
+        # users are sent queue up for it, so nothing falls between the list and the changes
+        self.feed.open(stream)
         transport = request.transport
         if transport is not None:
             stream.on_drop = transport.abort
@@ -275,14 +275,16 @@ class WebServer:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
         send = functools.partial(_send, within=self.write_timeout)
-        self.feed.open(stream)  # from now on changes queue up for it: nothing falls between
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
         try:
+            await response.prepare(request)
             counts = await self.counts.get()
             hello = {"health": self._health(counts),
                      "events": [e.to_dict() for e in self.feed.recent],
                      "prefix": self.service.topics.prefix}
             await send(response, b"retry: %d\n\n" % RETRY_MS
-                        + sse("hello", json.dumps(hello).encode()))
+                       + sse("hello", json.dumps(hello).encode()))
             await self._send_users(response, stream, send)
             await send(response, sse("ready", b"{}"))
             while stream.ended is None:
