@@ -30,8 +30,9 @@ from hub.stores.redis import RedisStore
 from hub.stores.tinydb import TinyDBStore
 from tests.support.hub_process import STANDBY_LINE, HubProcess
 from tests.support.mqtt_clients import SimDevice, Watcher
-from tests.support.procs import MosquittoProcess, RedisProcess
+from tests.support.procs import MosquittoProcess, RedisProcess, free_port
 from tests.support.wait import wait_for
+from tests.test_agent_helpers import TcpProxy
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,9 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
         server.cleanup()
 
 
-def hub_args(mosq: MosquittoProcess, redis: RedisProcess, name: str) -> list[str]:
-    return ["--broker", mosq.url, "--storage", "redis", "--redis-url", redis.url, "--standby",
+def hub_args(mosq: MosquittoProcess, redis: RedisProcess | str, name: str) -> list[str]:
+    redis_url = redis if isinstance(redis, str) else redis.url
+    return ["--broker", mosq.url, "--storage", "redis", "--redis-url", redis_url, "--standby",
             "--lease-ttl", "1s", "--hub-name", name, "--heartbeat-interval", "1s",
             "--will-grace", "500ms", "--flush-interval", "200ms", "--stats-interval", "0"]
 
@@ -231,6 +233,48 @@ def test_both_hubs_killed_and_one_restarted_loses_nothing(
     finally:
         alice.close()
         watcher.close()
+
+
+def test_an_active_hub_cut_off_from_redis_stops_acting_and_the_standby_takes_over(
+        tmp_path: Path, mosquitto: MosquittoProcess, own_redis: RedisProcess) -> None:
+    """A partition: the active hub loses Redis (its connections cut, new ones refused), the
+    standby does not. The active hub's lease lapses; it stops acting (and does not take the
+    hub's session back from the new active hub); once it reaches Redis again it learns it lost
+    the lease and stands by."""
+    proxy = TcpProxy(own_redis.host, own_redis.port)
+    a = HubProcess(hub_args(mosquitto, f"redis://127.0.0.1:{proxy.port}/0", "hub-a"), tmp_path,
+                   env={"PRESENCE_LEASE_HOST": "box-a"})
+    (tmp_path / "b").mkdir()
+    b = HubProcess(hub_args(mosquitto, own_redis, "hub-b"), tmp_path / "b",
+                   env={"PRESENCE_LEASE_HOST": "box-b"})
+    watcher = Watcher(mosquitto.host, mosquitto.port).start()
+    alice: SimDevice | None = None
+    try:
+        a.start()
+        b.start(ready_line=STANDBY_LINE)
+        alice = device(mosquitto, "alice", "laptop")
+        watcher.wait_status("alice", "online")
+        seen = len(watcher.statuses_seen("alice"))
+        reachable = proxy.target
+        proxy.target = ("127.0.0.1", free_port())  # nothing listens there: refused
+        proxy.cut()
+        b.wait_line("presence hub running")
+        assert ask(mosquitto, "alice", '/presence status "Cut off"').ok
+        watcher.wait_text("alice", "custom", "Cut off")
+        mark = len(a.lines)
+        proxy.target = reachable
+        a.wait_line(STANDBY_LINE, after=mark)
+        assert ask(mosquitto, "alice", "/presence").data["customStatus"] == "Cut off"
+        assert stored(own_redis, "alice").custom_status == "Cut off"
+        assert "offline" not in watcher.statuses_seen("alice")[seen:]
+        assert "hub-b" in hub_status(own_redis)
+    finally:
+        if alice is not None:
+            alice.close()
+        watcher.close()
+        for h in (a, b):
+            h.close()
+        proxy.close()
 
 
 # ------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ class LeaseKeeper:
                 continue
             if self._failing:
                 self._failing = False
-                log.info("the hub's lease is renewed again")
+                if ours:
+                    log.info("the hub's lease is renewed again")
             if not ours:
                 holder = await self._holder()
                 log.warning("another hub took the lease over%s",

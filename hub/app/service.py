@@ -327,8 +327,8 @@ class PresenceService:
     async def _confirm(self) -> bool:
         """Ask the lease's keeper until it can tell; replay what was held if it is ours."""
         assert self._leadership is not None
-        log.warning("the hub's lease is not confirmed (was the process paused?): holding "
-                    "timers and input until Redis confirms it")
+        log.warning("the hub's lease is not confirmed (the process was paused, or Redis did "
+                    "not answer its renewals): holding timers and input until Redis confirms it")
         while True:
             try:
                 ours = await self._leadership.confirm()
