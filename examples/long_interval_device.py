@@ -1,9 +1,12 @@
 """A device that heartbeats rarely (every 10 minutes, say) and is still never timed out.
 
-    python examples/long_interval_device.py --broker 127.0.0.1:1883 --user alice \\
+    .venv/bin/python examples/long_interval_device.py --broker 127.0.0.1:1883 --user alice \\
         --device water-meter --heartbeat-interval 10m
 
-(the same as ``presence-agent --heartbeat-interval 10m``, as a library.) The birth announces the
+(from the checkout, with the venv's Python or the venv activated; with accounts, log in as the
+device: ``--username alice/water-meter`` and its password in ``PRESENCE_BROKER_PASSWORD``.)
+
+It is ``presence-agent --heartbeat-interval 10m`` as a library. The birth announces the
 interval (``"heartbeatMs": 600000``), so the hub times this device out after 2.5 x 10 min of
 silence, not after 2.5 x the hub's own interval; the hub bounds it by its
 ``--max-heartbeat-interval``. A dead link is still noticed within 1.5 x the MQTT keepalive
@@ -21,17 +24,18 @@ import time
 from device_agent import AgentConfig, AgentError, PresenceAgent
 
 
-def broker_url(text: str) -> str:
-    """``HOST:PORT`` or a full ``mqtt://``/``mqtts://`` URL."""
-    return text if "://" in text else f"mqtt://{text}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="A device with a long heartbeat interval.")
-    parser.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT or mqtt://... URL")
-    parser.add_argument("--username", help="broker username")
-    parser.add_argument("--password",
-                        help="broker password (or PRESENCE_BROKER_PASSWORD, which ps does not show)")
+    env = os.environ.get
+    parser.add_argument("--broker", default=env("PRESENCE_BROKER", "127.0.0.1:1883"),
+                        help="HOST:PORT, mqtt://... or mqtts://... [PRESENCE_BROKER]")
+    parser.add_argument("--username", default=env("PRESENCE_BROKER_USERNAME"),
+                        help="the device's account, USER/DEVICE [PRESENCE_BROKER_USERNAME]")
+    parser.add_argument("--password", default=env("PRESENCE_BROKER_PASSWORD"),
+                        help="its password; the environment variable keeps it out of ps"
+                        " [PRESENCE_BROKER_PASSWORD]")
+    parser.add_argument("--ca-file", default=env("PRESENCE_CA_FILE"),
+                        help="CA certificate for mqtts:// [PRESENCE_CA_FILE]")
     parser.add_argument("--user", default="alice")
     parser.add_argument("--device", default="water-meter")
     parser.add_argument("--prefix", default="presence")
@@ -41,8 +45,8 @@ def main() -> int:
 
     try:
         config = AgentConfig.from_values(
-            broker=broker_url(args.broker), broker_username=args.username,
-            broker_password=args.password or os.environ.get("PRESENCE_BROKER_PASSWORD"),
+            broker=args.broker, broker_username=args.username, broker_password=args.password,
+            ca_file=args.ca_file,
             user=args.user, device=args.device, name=f"Meter {args.device}",
             prefix=args.prefix, heartbeat_interval=args.heartbeat_interval, idle_source="none",
         )

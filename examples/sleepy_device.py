@@ -1,8 +1,11 @@
 """A battery device that sleeps and wakes in a loop, and tells the hub each time.
 
-    python examples/sleepy_device.py --broker 127.0.0.1:1883 --user alice --device badge \\
-        --awake 20s --sleep 5m
+    .venv/bin/python examples/sleepy_device.py --broker 127.0.0.1:1883 --user alice \\
+        --device badge --awake 20s --sleep 5m
     mosquitto_sub -t 'presence/devices/alice/badge/conn' -v     # birth, sleeping, birth, ...
+
+(from the checkout, with the venv's Python or the venv activated; with accounts, log in as the
+device: ``--username alice/badge`` and its password in ``PRESENCE_BROKER_PASSWORD``.)
 
 Each cycle: connect with a new session (the birth announces ``heartbeatMs`` and, with an idle
 source, ``idleMs``), stay awake for ``--awake`` (heartbeats), then announce the sleep
@@ -27,11 +30,6 @@ from device_agent import AgentConfig, AgentError, PresenceAgent
 from hub.protocol import format_duration_ms, parse_duration_ms
 
 
-def broker_url(text: str) -> str:
-    """``HOST:PORT`` or a full ``mqtt://``/``mqtts://`` URL."""
-    return text if "://" in text else f"mqtt://{text}"
-
-
 def duration(text: str) -> int:
     try:
         return parse_duration_ms(text)
@@ -41,10 +39,16 @@ def duration(text: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="A device that sleeps and wakes in a loop.")
-    parser.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT or mqtt://... URL")
-    parser.add_argument("--username", help="broker username")
-    parser.add_argument("--password",
-                        help="broker password (or PRESENCE_BROKER_PASSWORD, which ps does not show)")
+    env = os.environ.get
+    parser.add_argument("--broker", default=env("PRESENCE_BROKER", "127.0.0.1:1883"),
+                        help="HOST:PORT, mqtt://... or mqtts://... [PRESENCE_BROKER]")
+    parser.add_argument("--username", default=env("PRESENCE_BROKER_USERNAME"),
+                        help="the device's account, USER/DEVICE [PRESENCE_BROKER_USERNAME]")
+    parser.add_argument("--password", default=env("PRESENCE_BROKER_PASSWORD"),
+                        help="its password; the environment variable keeps it out of ps"
+                        " [PRESENCE_BROKER_PASSWORD]")
+    parser.add_argument("--ca-file", default=env("PRESENCE_CA_FILE"),
+                        help="CA certificate for mqtts:// [PRESENCE_CA_FILE]")
     parser.add_argument("--user", default="alice")
     parser.add_argument("--device", default="badge")
     parser.add_argument("--prefix", default="presence")
@@ -59,8 +63,8 @@ def main() -> int:
 
     try:
         config = AgentConfig.from_values(
-            broker=broker_url(args.broker), broker_username=args.username,
-            broker_password=args.password or os.environ.get("PRESENCE_BROKER_PASSWORD"),
+            broker=args.broker, broker_username=args.username, broker_password=args.password,
+            ca_file=args.ca_file,
             user=args.user, device=args.device, name=f"Sleepy {args.device}",
             prefix=args.prefix, heartbeat_interval=args.heartbeat_interval,
             idle_source=args.idle_source,

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from io import StringIO
 from pathlib import Path
 from types import ModuleType
 
@@ -14,7 +16,11 @@ import pytest
 
 from device_agent.config import load_config
 from hub import create_presence_service
+from hub.auth import CredentialStore
+from hub.cli.users import users_main
+from tests.support.mqtt_clients import MqttClient
 from tests.support.procs import MosquittoProcess
+from tests.support.wait import wait_for
 from tests.test_agent_helpers import Watcher
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -49,7 +55,10 @@ def test_scripts_explain_themselves() -> None:
                    "long_interval_device.py"):
         out = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"],
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0 and "--broker" in out.stdout
+        assert out.returncode == 0, out.stderr
+        for option in ("--broker", "--username", "--password", "PRESENCE_BROKER_PASSWORD",
+                       "--ca-file"):
+            assert option in out.stdout, (script, option)
 
 
 def _example_env(tmp_path: Path) -> dict[str, str]:
@@ -116,6 +125,110 @@ def test_device_examples_announce_their_interval_and_stop_on_ctrl_c(
         assert "Traceback" not in err and "stopping" in out
         watcher.wait(lambda: watcher.offlines("disconnect"), "a clean offline")
         assert not watcher.offlines("lost")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        watcher.close()
+
+
+# --------------------------------------------------------------------------------------------
+# issue 15, item 8: README's in-process snippet is a file that runs; logins; Ctrl-C
+
+
+README = EXAMPLES.parent / "README.md"
+
+
+def test_the_in_process_example_runs_and_is_what_readme_shows() -> None:
+    """README's snippet had ``async with`` outside a function: a SyntaxError as a script. It
+    is examples/in_process.py now, shown in README from ``import asyncio`` on."""
+    body = (EXAMPLES / "in_process.py").read_text().split('"""', 2)[2].lstrip("\n")
+    blocks = README.read_text().split("```python\n")
+    assert any(block.split("```", 1)[0] == body for block in blocks[1:]), \
+        "README no longer shows examples/in_process.py as it is"
+    done = subprocess.run([sys.executable, str(EXAMPLES / "in_process.py")],
+                          capture_output=True, text=True, timeout=60, cwd=EXAMPLES.parent)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["user-1 offline -> online", "user-1 online Trading BTC", "1 online:"]
+    assert lines[4].split() == ["user-1", "online", "telegram-123", "Trading", "BTC"]
+
+
+LOGINS = {"ha": ("watcher", "ha-secret"), "alice/meter": ("device", "meter-secret"),
+          "presence-hub": ("hub", "hub-secret")}
+
+
+@pytest.fixture(scope="module")
+def accounts_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+    """A Mosquitto that lets no one in without an account (the exported files)."""
+    folder = tmp_path_factory.mktemp("example-accounts")
+    store = CredentialStore(folder / "credentials.json")
+    for name, (role, secret) in LOGINS.items():
+        store.put(name, role, secret)  # type: ignore[arg-type]
+    pw, acl = folder / "presence.pw", folder / "presence.acl"
+    assert users_main(["export-mosquitto", "--password-file", str(pw), "--acl-file", str(acl)],
+                      env={"PRESENCE_CREDENTIALS": str(store.path)}, out=StringIO()) == 0
+    broker = MosquittoProcess(
+        workdir=folder / "mosquitto",
+        extra_conf=f"allow_anonymous false\npassword_file {pw}\nacl_file {acl}\n")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+def _hub_login(broker: MosquittoProcess) -> MqttClient:
+    client = MqttClient(broker.host, broker.port)
+    client.paho.username_pw_set("presence-hub", LOGINS["presence-hub"][1])
+    return client.connect()
+
+
+@pytest.mark.slow
+def test_mute_on_dnd_logs_in_from_the_environment_and_stops_quietly_on_ctrl_c(
+    accounts_broker: MosquittoProcess, tmp_path: Path
+) -> None:
+    """With accounts, a watcher's login from PRESENCE_BROKER_USERNAME/_PASSWORD (as the agent
+    takes it); Ctrl-C used to end in a KeyboardInterrupt traceback."""
+    hub = _hub_login(accounts_broker)
+    env = _example_env(tmp_path) | {"PRESENCE_BROKER_USERNAME": "ha",
+                                    "PRESENCE_BROKER_PASSWORD": LOGINS["ha"][1]}
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "mute_on_dnd.py"), "--broker",
+         f"{accounts_broker.host}:{accounts_broker.port}", "--user", "alice"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        hub.publish("presence/users/alice/status", b"dnd", retain=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "notifications muted\n"  # blocks until it is said
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out, err) == (0, "stopping\n", "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        hub.close()
+
+
+@pytest.mark.slow
+def test_a_device_example_logs_in_with_the_devices_account(
+    accounts_broker: MosquittoProcess, tmp_path: Path
+) -> None:
+    watcher = _hub_login(accounts_broker)
+    watcher.subscribe("presence/devices/alice/meter/conn")
+    env = _example_env(tmp_path) | {"PRESENCE_BROKER_PASSWORD": LOGINS["alice/meter"][1]}
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "long_interval_device.py"), "--broker",
+         f"{accounts_broker.host}:{accounts_broker.port}", "--username", "alice/meter",
+         "--user", "alice", "--device", "meter"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: b'"online"' in (watcher.last("presence/devices/alice/meter/conn") or b""),
+                 timeout=15, what="the meter's birth, logged in")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in err and "stopping" in out, err
     finally:
         if proc.poll() is None:
             proc.kill()
