@@ -11,12 +11,15 @@ nothing lost. Lease TTL 1 s to keep the runs short; ``make failover`` measures t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +101,13 @@ def hub_status(redis: RedisProcess) -> str:
     return out.stdout
 
 
+def healthz(hub: HubProcess) -> dict[str, Any]:
+    port = hub.args[hub.args.index("--http") + 1].rpartition(":")[2]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+        body: dict[str, Any] = json.load(answer)
+        return body
+
+
 @pytest.fixture
 def hubs(tmp_path: Path, mosquitto: MosquittoProcess,
          own_redis: RedisProcess) -> Iterator[tuple[HubProcess, HubProcess]]:
@@ -106,7 +116,8 @@ def hubs(tmp_path: Path, mosquitto: MosquittoProcess,
     # two machines, as far as the lease knows: a takeover waits for the lease to lapse
     a = HubProcess(hub_args(mosquitto, own_redis, "hub-a"), tmp_path / "a",
                    env={"PRESENCE_LEASE_HOST": "box-a"})
-    b = HubProcess(hub_args(mosquitto, own_redis, "hub-b"), tmp_path / "b",
+    b = HubProcess([*hub_args(mosquitto, own_redis, "hub-b"), "--http",
+                    f"127.0.0.1:{free_port()}"], tmp_path / "b",
                    env={"PRESENCE_LEASE_HOST": "box-b"})
     try:
         a.start()
@@ -145,6 +156,10 @@ def test_sigkill_of_the_active_hub_the_standby_takes_over_and_nothing_is_lost(
         assert "Traceback" not in single.stderr
         assert "hub-a" in hub_status(own_redis)
 
+        # a standby's health check answers (a container runtime must not restart it)
+        health = healthz(b)
+        assert (health["role"], health["active"].split(" ")[0]) == ("standby", "hub-a")
+
         seen = {u: len(watcher.statuses_seen(u)) for u in ("alice", "bob")}
         a.kill()
         killed = time.monotonic()
@@ -155,6 +170,7 @@ def test_sigkill_of_the_active_hub_the_standby_takes_over_and_nothing_is_lost(
         assert answered - killed > 0.3  # on another box: after the lease lapsed (1 s TTL)
         b.wait_line("presence hub running")
         assert "took the lease over" in b.output()
+        assert healthz(b)["role"] == "active"
 
         assert ask(mosquitto, "alice", "/presence").data["customStatus"] == "In a meeting"
         watcher.wait_status("bob", "dnd")

@@ -112,11 +112,14 @@ class LeaseKeeper:
 
 
 async def wait_for_lease(lease: RedisLease, stop: asyncio.Event,
-                         monotonic: Callable[[], float] = time.monotonic) -> float | None:
+                         monotonic: Callable[[], float] = time.monotonic,
+                         on_holder: Callable[[LeaseHolder], None] | None = None
+                         ) -> float | None:
     """As a standby: try to take the lease every :data:`STANDBY_POLL_S` (at most) until it is
     ours (the monotonic time the winning call was sent) or ``stop`` is set (None).
 
-    Says in the log who is active, once, and again whenever that changes.
+    Says in the log who is active, once, and again whenever that changes (and to
+    ``on_holder``, at every look).
     """
     interval = min(STANDBY_POLL_S, lease.ttl_ms / 1000 / RENEWALS_PER_TTL)
     seen: tuple[int, str] | None = None
@@ -136,6 +139,8 @@ async def wait_for_lease(lease: RedisLease, stop: asyncio.Event,
             failing = False
             if holder is None:
                 return sent
+            if on_holder is not None:
+                on_holder(holder)
             if (holder.token, holder.instance) != seen:
                 seen = (holder.token, holder.instance)
                 log.info("standby: the active hub is %s; taking over when its lease lapses",

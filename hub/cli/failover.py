@@ -19,7 +19,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hub.app.leadership import LeaseKeeper, wait_for_lease
@@ -122,13 +122,17 @@ async def take_lease(lease: RedisLease, settings: dict[str, Any], broker: str,
             raise LeaseHeld(_refusal(holder, settings))
         watch = StandbyWatch(broker, settings)
         await watch.check()
+        active = [holder]
+        http = await _standby_http(settings, lease.name, lambda: active[0].describe())
         print(f"presence hub standing by: {lease.name}; the active hub is {holder.describe()}",
               flush=True)
         await watch.start()
         try:
-            got = await wait_for_lease(lease, stop)
+            got = await wait_for_lease(lease, stop, on_holder=lambda h: active.__setitem__(0, h))
         finally:
             await watch.stop()
+            if http is not None:
+                await http.stop()  # the active hub's full HTTP side takes the port over
         if got is None:
             return None
         sent = got
@@ -136,6 +140,19 @@ async def take_lease(lease: RedisLease, settings: dict[str, Any], broker: str,
     keeper = LeaseKeeper(lease)
     keeper.acquired(sent)
     return keeper
+
+
+async def _standby_http(settings: dict[str, Any], name: str, active: Callable[[], str]
+                        ) -> Any:
+    """``/healthz`` (and ``/metrics``) while standing by, when ``--http`` is set."""
+    if settings.get("http") is None:
+        return None
+    from hub.web.standby import StandbyServer
+
+    server = StandbyServer(settings["http"], name=name, active=active,
+                           token=settings.get("http_token"))
+    await server.start()
+    return server
 
 
 def lease_line(lease: RedisLease) -> str:
