@@ -255,8 +255,14 @@ def test_the_agent_tests_pass_on_a_plain_install(agent_venv: AgentVenv) -> None:
         for name in modules
     }
     failed = []
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        if proc.returncode != 0:
-            failed.append(f"--- {name} (exit {proc.returncode}):\n{out[-4000:]}")
+    try:
+        for name, proc in procs.items():
+            out, _ = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                failed.append(f"--- {name} (exit {proc.returncode}):\n{out[-4000:]}")
+    finally:
+        for proc in procs.values():  # a hung one (a timeout above) does not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert not failed, "\n".join(failed)

@@ -42,7 +42,17 @@ def test_the_readme_tour_replays_on_the_embedded_broker_and_on_mosquitto() -> No
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for broker in ("embedded", "mosquitto")
     }
-    outputs = {broker: proc.communicate(timeout=240)[0] for broker, proc in runs.items()}
+    try:
+        outputs = {broker: proc.communicate(timeout=240)[0] for broker, proc in runs.items()}
+    finally:
+        for proc in runs.values():  # a hung replay (a timeout above) does not outlive the test
+            if proc.poll() is None:
+                proc.terminate()  # the replay then stops the hub, agents and broker it started
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     for broker, proc in runs.items():
         print(outputs[broker])
         assert proc.returncode == 0, f"the tour on {broker}:\n{outputs[broker]}"

@@ -550,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=README, help="the README to replay")
     parser.add_argument("--logs", action="store_true", help="print every process's output")
     args = parser.parse_args(argv)
+    # stopped from outside (a test's timeout): stop what the replay started, then exit
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     bindir = Path(sys.executable).parent
     if not (bindir / "presence-hub").exists():
         print(f"tour: run it with the checkout's venv (.venv/bin/python tools/tour.py): "
