@@ -230,7 +230,8 @@ class Replay:
         self.workdir = workdir
         self.readme = readme
         self.port = free_port()
-        self.url = f"mqtt://{HOST}:{self.port}"
+        # the agents' default host is localhost (mqtt://localhost:1883): keep it, change the port
+        self.url = f"mqtt://localhost:{self.port}"
         self.expected = Expected()
         self.background: list[Background] = []
         self.hub: Background | None = None
