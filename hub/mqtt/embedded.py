@@ -74,6 +74,8 @@ class EmbeddedTransport:
         self._flush_cost = 0.0
         self._conn_suffix = "/conn"
         self._req_suffix = "/req"
+        #: what the hub hears: on an external broker it subscribes to this and no more
+        self._device_prefix = hub.topics.prefix + "/devices/"
         #: PUBACKs of the flush under way: sent once it is durable
         self._acking: list[HeldAck] = []
 
@@ -101,7 +103,14 @@ class EmbeddedTransport:
     def _on_message(
         self, topic: str, payload: bytes, qos: int, retain: bool, client_id: str | None
     ) -> bool:
-        """Ingest one message; True holds its PUBACK until the flush that persists it."""
+        """Ingest one message; True holds its PUBACK until the flush that persists it.
+
+        Traffic outside ``P/devices/`` is other clients' business (Home Assistant's birth on
+        ``homeassistant/status``, a zigbee2mqtt sharing the broker): not input to the hub, so
+        neither ingested nor counted as dropped, as on an external broker where the hub does
+        not subscribe to it."""
+        if not topic.startswith(self._device_prefix):
+            return False
         if client_id is not None and topic.endswith(self._conn_suffix):
             where = self.hub.topics.parse_device_topic(topic)
             if isinstance(where, DeviceTopic):
