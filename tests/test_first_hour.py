@@ -15,6 +15,7 @@ broker with accounts, and the installed console scripts where what a shell sees 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -355,8 +356,34 @@ def test_an_agent_with_another_devices_account_gives_up_naming_the_identity(
         wait_for(lambda: "its will topic 'presence/devices/alice/laptop/conn' is not its own;"
                  " it may publish only to presence/devices/alice/phone/+" in hub.output(),
                  what="the broker's log line")
+
+        # A clean stop with an agent connected: amqtt logged "1 messages not broadcasted"
+        # (twice) for the will of the connection the stop closed.
+        right = config.with_changes(broker=config.broker.with_login(
+            "alice/laptop", PASSWORDS["alice/laptop"]))
+        with PresenceAgent(right) as agent:
+            assert agent.wait_connected(10)
+            wait_for(lambda: agent.state is not None, what="the agent has the hub's state")
+            assert hub.stop() == 0
+        out = hub.output()
+        assert "not broadcasted" not in out and "Traceback" not in out, out
+        assert "stopped cleanly" in out
     finally:
         hub.close()
+
+
+def test_the_counts_logged_at_stop_say_what_they_count() -> None:
+    """"since start: engine: stale_session=1" said nothing to a user; every counter the
+    engine keeps has its meaning beside it."""
+    from hub.cli.run import ENGINE_COUNTERS, _counter_line
+    from hub.core import engine
+
+    source = Path(engine.__file__).read_text()
+    kept = set(re.findall(r'counters\["([a-z_]+)"\]', source))
+    assert kept and kept <= set(ENGINE_COUNTERS), kept - set(ENGINE_COUNTERS)
+    line = _counter_line({"dropped": {"bad_payload": 2}, "engine": {"stale_session": 1}})
+    assert line == ("dropped: bad_payload=2 | engine: stale_session=1 (messages of a device's"
+                    " earlier connection, ignored: normal after a reconnect)")
 
 
 # ---------------------------------------------------------------------------- item 7

@@ -57,6 +57,11 @@ tests/test_embedded_faults.py):
 * Messages are delivered at the subscription's QoS, not min(publish, subscription)
   ([MQTT-3.8.4-6]): a QoS 0 heartbeat reached a QoS 1 watcher as QoS 1. We deliver at the
   lower of the two.
+* A stop closes every connection without DISCONNECT, and amqtt queues each client's will for
+  a broadcast loop it is stopping, then logs "N messages not broadcasted" (twice) at every
+  clean stop. While stopping we pass no will on: wills are not reported then (the clients did
+  not fail; the broker went), and their subscribers are being closed too (tested in
+  tests/test_first_hour.py).
 
 Security (issue #5; the rules themselves are in hub/auth/, tests in tests/test_security.py):
 
@@ -328,6 +333,8 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         self._ended: set[str] = set()
         #: Messages put on amqtt's broadcast queue and not yet handed to their subscribers.
         self._pending_broadcasts = 0
+        #: Wills of the connections a stop closes, not passed on (see _broadcast_message).
+        self.not_passed_on = 0
         #: Connections behind with their messages, for the hub's publishing to wait on.
         self.backlog = Backlog(owner.limits, HUB_PATIENCE_S, owner._dropping)
         # Topic checks run for every publish and for every delivery to every subscriber; when
@@ -732,7 +739,16 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         # other paths. Handing the message over here, inside amqtt's own await, costs no task
         # (a plugin event would cost one per message: ~40 us measured).
         handling = _handling.get()
-        if handling is not None and session is not None and force_qos is None:
+        client_publish = handling is not None and session is not None and force_qos is None
+        if self._owner._stopping and not client_publish:
+            # A will, as the stop closes connections without DISCONNECT: amqtt would queue it
+            # for a broadcast loop that is about to stop, and log "N messages not broadcasted"
+            # at every clean stop. Wills are not reported while stopping (stop()): the
+            # clients did not fail, the broker went, and their subscribers are closed too.
+            self.not_passed_on += 1
+            return
+        if client_publish:
+            assert handling is not None
             message = handling.message
             handling.outcome = self._owner._deliver(
                 topic, data, message.qos, message.retain, session.client_id,

@@ -138,17 +138,44 @@ def _with_dashboard(banner: str, web: Any, settings: dict[str, Any]) -> str:
             f"  metrics:      {web.url}metrics   health: {web.url}healthz\n{last}")
 
 
+#: What the engine's counters count, said in the log lines that show them. Most are the
+#: normal life of devices, not faults, and a bare "stale_session=1" at stop left users
+#: guessing. tests/test_first_hour.py checks that every counter the engine keeps is here.
+ENGINE_COUNTERS = {
+    "will_applied": "last wills that took a device offline",
+    "will_voided_by_reconnect": "last wills void: the device came back within the grace",
+    "will_voided_by_link_loss": "last wills void: they came as the hub's broker link dropped",
+    "will_while_sleeping": "last wills of sleeping devices, ignored",
+    "stale_session": "messages of a device's earlier connection, ignored: normal after a "
+                     "reconnect",
+    "implicit_birth": "devices first heard by a heartbeat, their birth missed",
+    "device_revived": "timed-out devices heard from again",
+    "device_timeout": "devices silent past their heartbeat timeout, taken offline",
+    "late_heartbeat": "heartbeats much later than their device's interval",
+    "activity_history": "activity older than the device's last, kept as history only",
+    "clock_skew_clamped": "activity stamped in the future, clamped to the hub's time",
+    "ack_unknown_device": "acks from devices the hub does not know",
+    "ack_future_version": "acks of a version the hub has not published",
+    "too_many_devices": "devices refused beyond --max-devices-per-user",
+}
+
+
 def _counter_line(parts: dict[str, dict[str, int]]) -> str:
+    def item(group: str, name: str, count: int) -> str:
+        meaning = ENGINE_COUNTERS.get(name) if group == "engine" else None
+        return f"{name}={count}" + (f" ({meaning})" if meaning else "")
+
     return " | ".join(
-        f"{group}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        f"{group}: " + ", ".join(item(group, k, v) for k, v in sorted(counts.items()))
         for group, counts in parts.items() if counts
     )
 
 
 class CounterReport:
-    """Logs what was dropped or refused, by reason: every ``interval`` if there is something
-    new, and once more in total at stop. Each drop is also logged where it happens, but those
-    lines are limited to one per reason per second; this line has the full counts."""
+    """Logs what was dropped or refused, by reason, and what the engine counted (each with
+    what it means): every ``interval`` if there is something new, and once more in total at
+    stop. Each drop is also logged where it happens, but those lines are limited to one per
+    reason per second; this line has the full counts."""
 
     def __init__(self, presence: Any, hub: Any) -> None:
         self.presence = presence
