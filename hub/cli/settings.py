@@ -109,7 +109,8 @@ def _path_or_none(value: Any) -> str | None:
 SETTINGS: tuple[Setting, ...] = (
     Setting("broker", "auto",
             "embedded (amqtt in this process), auto (use a broker already on --listen, else "
-            "start the embedded one), or a URL: mqtt://user:pass@host:1883, mqtts://host:8883"),
+            "start the embedded one), or an external broker: HOST:PORT or a URL, "
+            "mqtt://user:pass@host:1883, mqtts://host:8883"),
     Setting("listen", "127.0.0.1:1883", "HOST:PORT of the embedded broker (and where auto looks)"),
     Setting("storage", "tinydb", "where state survives restarts",
             choices=("memory", "tinydb", "redis")),
