@@ -108,6 +108,27 @@ def test_wrong_input_is_one_line_and_exit_2(
     assert message in err
 
 
+def test_help_describes_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """``presence --help`` promised "your status and devices" for a bare ``presence``, which
+    prints one line; every command now says what it does, in the list and in its own help."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "your status, custom status and primary device" in top
+    assert "your status and devices" not in top
+    for flag in ("--ca-file", "--broker-username", "PRESENCE_BROKER_PASSWORD"):
+        assert flag in top
+    commands = ["who", "users", "activity", "online", "away", "dnd", "offline", "status",
+                "devices", "sync"]
+    for name in commands:
+        assert re.search(rf"^    {name} +\S", top, re.M), name
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        own = capsys.readouterr().out
+        description = own.split("\n\n")[1]
+        assert len(description.split()) >= 8, (name, description)
+
+
 # --------------------------------------------------------------------------------------------
 # Against the real hub
 
