@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("sync", "republish your state and show who acked it",
             "The hub republishes your retained state and asks every device of yours to ack"
             " it; the answer is how many of them have the current version.")
+    forget = command("forget", "make the hub forget you: devices, state and activity",
+                     "Your retained topics are cleared and your activity deleted. Stop your"
+                     " agents first: a device that heartbeats afterwards makes you a new user"
+                     " (your version continues above the old one's).")
+    forget.add_argument("--yes", action="store_true", required=True,
+                        help="yes, forget me (required: there is no undo)")
     return parser
 
 
@@ -249,6 +255,8 @@ def command_words(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> li
         return ["devices", "remove", ns.device_id]
     if name == "sync":
         return ["sync"]
+    if name == "forget":
+        return ["forget", "--yes"]
     parser.error(f"unknown command {name!r}")  # pragma: no cover - argparse rejects it first
 
 

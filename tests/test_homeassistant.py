@@ -390,8 +390,7 @@ async def test_configs_are_removed_with_the_user() -> None:
             await presence.set_device_status("dave", "phone", "online")
             await async_wait_for(lambda: all(w.last(config_topic("dave", k)) for k in KINDS),
                                  what="dave's configs")
-            presence.engine.forget_user("dave")
-            hub.user_removed("dave")
+            await presence.remove_user("dave")  # what /presence forget --yes does
             await async_wait_for(lambda: all(w.last(config_topic("dave", k)) == b""
                                              for k in KINDS), what="dave's configs cleared")
             # back again: a new user as far as HA is concerned

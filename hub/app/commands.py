@@ -31,11 +31,12 @@ HELP = """\
 /presence status --clear                      clear it
 /presence devices              your devices
 /presence devices remove ID    forget a device
-/presence sync                 republish your state and show which devices have it"""
+/presence sync                 republish your state and show which devices have it
+/presence forget --yes         forget you: devices, state and activity (stop your agents first)"""
 
 STATUS_WORDS = ("online", "away", "dnd", "offline")
 #: commands that change state, answered only after the change is persisted
-CHANGING_VERBS = frozenset({*STATUS_WORDS, "status", "devices", "sync"})
+CHANGING_VERBS = frozenset({*STATUS_WORDS, "status", "devices", "sync", "forget"})
 #: how long a command waits for its change to reach the store before it says it could not
 #: (the ``presence`` command waits 5 s for any reply)
 DURABLE_WAIT_S = 3.0
@@ -131,6 +132,14 @@ async def _dispatch(presence: PresenceService, user_id: str, words: list[str]) -
             f"sync: {sync.synced}/{sync.total} devices have version {sync.version}",
             sync.model_dump(mode="json", by_alias=True),
         )
+    if verb == "forget":
+        if args != ["--yes"]:
+            raise CommandError("usage: /presence forget --yes (forgets your devices, state and "
+                               "activity; stop your agents first, or their next heartbeat "
+                               "makes you a new user)")
+        await presence.remove_user(user_id)
+        return CommandResult(True, f"forgot {user_id}: devices, state and activity",
+                             {"userId": user_id, "removed": True})
     raise CommandError(f"unknown command {verb!r}; try /presence help")
 
 

@@ -36,11 +36,13 @@ from hub.core.events import (
     PublishState,
     RecordActivity,
     RemoveDevice,
+    RemoveUser,
     SetCustomStatus,
     SetDeviceStatus,
     SetStatus,
     Sink,
     SyncRequest,
+    UserRemoved,
     events_from_message,
 )
 from hub.core.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserRecord, UserStatus
@@ -168,6 +170,8 @@ class PresenceService:
         self._callbacks: dict[str, list[tuple[Callback, int]]] = {n: [] for n in EVENT_NAMES}
         self._pending_activity: dict[str, list[Activity]] = {}
         self._unsaved: dict[str, UserRecord] = {}  # a failed flush's batch, retried next time
+        #: users removed since the last flush: the store deletes them (activity included)
+        self._deleted: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -548,7 +552,10 @@ class PresenceService:
         self._unsaved = {}
         records = list(batch.values())
         pending, self._pending_activity = self._pending_activity, {}
+        deleted, self._deleted = self._deleted, set()
         try:
+            for user_id in deleted:  # before the batch: it may hold the user's tombstone
+                await self.store.delete_user(user_id)
             # activity first, users last: a store that buffers activity (TinyDB) writes it
             # with the users' batch, so a flush period costs one file write
             now = self.clock.wall()  # activity ages are wall-clock labels
@@ -561,6 +568,7 @@ class PresenceService:
             # keep the batch for the next flush rather than lose it
             for rec in records:
                 self._unsaved.setdefault(rec.id, rec)
+            self._deleted |= deleted  # deleting again is harmless
             for user_id, entries in pending.items():
                 self._pending_activity.setdefault(user_id, [])[:0] = entries
             raise
@@ -584,6 +592,14 @@ class PresenceService:
             elif type(eff) is DeviceRemoved:
                 for sink in self._sinks:
                     sink.device_removed(eff)
+            elif type(eff) is UserRemoved:
+                for sink in self._sinks:
+                    sink.user_removed(eff)
+                # its activity goes with it: none still to write, the stored log deleted at
+                # the next flush (before its tombstone is saved)
+                self._pending_activity.pop(eff.user_id, None)
+                self._unsaved.pop(eff.user_id, None)
+                self._deleted.add(eff.user_id)
 
     def _emit(self, eff: EmitEvent) -> None:
         for callback, arity in self._callbacks[eff.event]:
@@ -790,6 +806,12 @@ class PresenceService:
 
     async def remove_device(self, user_id: str, device_id: str) -> None:
         self._event(RemoveDevice(_uid(user_id), validate_or_raise(device_id, "device id")))
+
+    async def remove_user(self, user_id: str) -> None:
+        """Forget a user: its devices, state, retained topics and activity. Its agents should
+        be stopped first, or their next heartbeat makes it a new user again (whose version
+        continues above the old one's: a version never goes back)."""
+        self._event(RemoveUser(_uid(user_id)))
 
     async def get_online_users(self, channel_id: str | None = None, *, limit: int | None = None,
                                after: str | None = None) -> list[OnlineUser]:

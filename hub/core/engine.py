@@ -100,11 +100,13 @@ from hub.core.events import (
     PublishState,
     RecordActivity,
     RemoveDevice,
+    RemoveUser,
     SetCustomStatus,
     SetDeviceStatus,
     SetStatus,
     Sleep,
     SyncRequest,
+    UserRemoved,
 )
 from hub.core.models import (
     Activity,
@@ -326,6 +328,8 @@ class Engine:
         self._max_timeout = c.max_heartbeat_interval_ms * 5 // 2
         #: devices whose will waits out its grace (voided all at once if the link drops)
         self._pending_wills: set[_Device] = set()
+        #: removed users -> the version above which one of the same id starts if it comes back
+        self._tombstones: dict[str, int] = {}
         #: wall clock minus ``now``: timers run on the monotonic ``now``, labels (lastSeen,
         #: activity times, event ts) are wall-clock (see hub.core.clock)
         self._wall = 0
@@ -873,6 +877,20 @@ class Engine:
             self._out.append(DeviceRemoved(user.id, d.id))
         self._refresh_user(user, now)
 
+    def _remove_user(self, ev: RemoveUser, now: int) -> None:
+        u = self._users.get(ev.user)
+        if u is None:
+            raise EngineError(f"unknown user {ev.user!r}")
+        real = [d.id for d in u.devices.values() if not d.virtual]
+        for d in u.devices.values():
+            self._pending_wills.discard(d)
+        self._tombstones[u.id] = max(u.version, u.reserved)
+        self.forget_user(u.id)
+        self._dirty.add(u.id)  # the tombstone goes to the store
+        for device_id in real:  # their retained births would bring them back
+            self._out.append(DeviceRemoved(u.id, device_id))
+        self._out.append(UserRemoved(u.id))
+
     # ---------------------------------------------------------------- rules
 
     def _device_status(self, d: _Device, now: int) -> DeviceStatus:
@@ -1035,6 +1053,9 @@ class Engine:
         u = self._users.get(user_id)
         if u is None:
             u = self._users[user_id] = _User(user_id)
+            floor = self._tombstones.pop(user_id, None)
+            if floor is not None:  # removed before: continue above what was published then
+                u.version = u.reserved = floor
         return u
 
     def _known(self, user_id: str, device_id: str) -> _Device | None:
@@ -1210,9 +1231,13 @@ class Engine:
         if not self._dirty:
             return []
         users = [self._users[uid] for uid in self._dirty if uid in self._users]
+        gone = [uid for uid in self._dirty if uid in self._tombstones]
         self._dirty = set()
         if records:
-            return [self._record(u) for u in users]
+            return [self._record(u) for u in users] + [
+                UserRecord.model_construct(id=uid, name=uid, version=self._tombstones[uid],
+                                           version_reserved=self._tombstones[uid], removed=True)
+                for uid in gone]
         for u in users:
             for d in u.devices.values():
                 d.saved_li = d.last_interaction
@@ -1289,6 +1314,9 @@ class Engine:
         bumped: list[str] = []
         wall = self._wall
         for rec in records:
+            if rec.removed:  # a tombstone: only its version matters
+                self._tombstones[rec.id] = max(rec.version, rec.version_reserved)
+                continue
             old = self._users.get(rec.id)
             if old is not None:  # loading over live state: the old devices' heap entries die
                 for d in old.devices.values():
@@ -1361,4 +1389,5 @@ _HANDLERS: Final[dict[type, Any]] = {
     Ack: Engine._ack,
     SyncRequest: Engine._sync,
     RemoveDevice: Engine._remove_device,
+    RemoveUser: Engine._remove_user,
 }

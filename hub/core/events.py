@@ -124,6 +124,13 @@ class RemoveDevice:
     device: str
 
 
+@dataclass(frozen=True, slots=True)
+class RemoveUser:
+    """Forget a user and everything the hub keeps of it (devices, state, activity)."""
+
+    user: str
+
+
 Event: TypeAlias = (
     Birth
     | DeviceOffline
@@ -135,6 +142,7 @@ Event: TypeAlias = (
     | Ack
     | SyncRequest
     | RemoveDevice
+    | RemoveUser
     | Sleep
 )
 
@@ -218,7 +226,19 @@ class DeviceRemoved:
     device_id: str
 
 
-Effect: TypeAlias = PublishState | EmitEvent | RecordActivity | DeviceTimedOut | DeviceRemoved
+@dataclass(frozen=True, slots=True)
+class UserRemoved:
+    """A user was removed: its retained topics (and anything published about it, such as Home
+    Assistant's discovery) must go, and the store forgets its devices and activity. Its
+    version survives in the store as a tombstone, so a user of the same id that comes back
+    later continues above it (a version never goes back)."""
+
+    user_id: str
+
+
+Effect: TypeAlias = (
+    PublishState | EmitEvent | RecordActivity | DeviceTimedOut | DeviceRemoved | UserRemoved
+)
 
 
 class Sink(Protocol):
@@ -231,6 +251,8 @@ class Sink(Protocol):
     def device_timed_out(self, effect: DeviceTimedOut) -> None: ...
 
     def device_removed(self, effect: DeviceRemoved) -> None: ...
+
+    def user_removed(self, effect: UserRemoved) -> None: ...
 
     def before_flush(self) -> None:
         """A flush starts: what was ingested until now is in it."""

@@ -131,3 +131,6 @@ class UserRecord(BaseModel):
     last_sync: int | None = None
     channels: dict[str, int] = Field(default_factory=dict)
     devices: list[DeviceRecord] = Field(default_factory=list)
+    #: a tombstone: the user was removed and only its version is kept, so that a user of the
+    #: same id that comes back continues above every version published before
+    removed: bool = False

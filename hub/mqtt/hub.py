@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent
+from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent, UserRemoved
 from hub.mqtt.transport import CommandRunner, HubService, Transport
 from hub.protocol import (
     BadRequest,
@@ -24,6 +24,7 @@ from hub.protocol import (
     RequestPayload,
     Topics,
     UserStatePayload,
+    UserTopicKind,
     event_json,
     text_payload,
 )
@@ -138,9 +139,14 @@ class MqttHub:
         """Clear the device's retained ``conn`` (an empty retained message deletes it)."""
         self._publish(self.topics.device(effect.user_id, effect.device_id, "conn"), b"", 1, True)
 
-    def user_removed(self, user_id: str) -> None:
-        """The user is gone from the hub: forget what its retained topics held (it would be
-        new again), and take it out of Home Assistant."""
+    def user_removed(self, effect: UserRemoved) -> None:
+        """The user is gone from the hub: clear its retained topics (an empty retained message
+        deletes one), forget what they held (it would be new again), and take it out of Home
+        Assistant. Its devices' retained births are cleared by their own DeviceRemoved."""
+        user_id = effect.user_id
+        kinds: tuple[UserTopicKind, ...] = ("state", "status", "custom", "primary")
+        for kind in kinds:
+            self._publish(self.topics.user(user_id, kind), b"", 1, True)
         self._retained.pop(user_id, None)
         if self.discovery is not None:
             self.discovery.user_removed(user_id)

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent
+from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent, UserRemoved
 from hub.protocol import UserStatePayload
 
 #: events a page sees when it opens (and the most a stream keeps pending)
@@ -73,6 +73,8 @@ class Stream:
 
     def __init__(self, pending_users: int = PENDING_USERS) -> None:
         self._states: dict[str, UserStatePayload] = {}
+        #: users removed from the hub since the last write (sent before any newer state)
+        self._gone: set[str] = set()
         self._events: deque[RecentEvent] = deque(maxlen=RECENT_EVENTS)
         self._health: bytes | None = None
         self._limit = pending_users
@@ -92,6 +94,13 @@ class Stream:
             return
         self.wake.set()
 
+    def gone(self, user_id: str) -> None:
+        """The user was removed: the page drops it (a state queued before is not sent)."""
+        if self.ended is None:
+            self._states.pop(user_id, None)
+            self._gone.add(user_id)
+            self.wake.set()
+
     def event(self, event: RecentEvent) -> None:
         if self.ended is None:
             self._events.append(event)  # the oldest falls off: the page shows the last few
@@ -108,6 +117,7 @@ class Stream:
             return
         self.ended = why
         self._states.clear()
+        self._gone.clear()
         self._events.clear()
         self._health = None
         self.wake.set()
@@ -117,10 +127,12 @@ class Stream:
     def take(self) -> bytes:
         """Everything pending as one write (serialized now: a state replaced while it waited
         was never serialized)."""
-        parts = [sse("user", s.to_json()) for s in self._states.values()]
+        parts = [sse("gone", json.dumps({"userId": uid}).encode()) for uid in self._gone]
+        parts += [sse("user", s.to_json()) for s in self._states.values()]
         parts += [sse("event", json.dumps(e.to_dict()).encode()) for e in self._events]
         if self._health is not None:
             parts.append(self._health)
+        self._gone.clear()
         self._states.clear()
         self._events.clear()
         self._health = None
@@ -207,6 +219,11 @@ class LiveFeed:
 
     def device_removed(self, effect: DeviceRemoved) -> None:
         self._recent(RecentEvent(self._wall(), "removed", effect.user_id, effect.device_id))
+
+    def user_removed(self, effect: UserRemoved) -> None:
+        for stream in self.streams:
+            stream.gone(effect.user_id)
+        self._recent(RecentEvent(self._wall(), "removed", effect.user_id))
 
     def before_flush(self) -> None:
         self._flush_began = time.perf_counter()

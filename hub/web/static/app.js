@@ -194,7 +194,8 @@
       li.append(el("span", "dot"), el("span", "who", e.userId), el("span", "", ` ${e.old} → ${e.new}`));
     } else {
       const what = e.kind === "timeout" ? "timed out" : "removed";
-      li.append(el("span", "who", `${e.userId}/${e.deviceId}`), el("span", "", ` ${what}`));
+      const who = e.deviceId ? `${e.userId}/${e.deviceId}` : e.userId;
+      li.append(el("span", "who", who), el("span", "", ` ${what}`));
     }
     return li;
   }
@@ -267,6 +268,7 @@
       setStream("live");
     });
     source.addEventListener("user", (e) => upsert(JSON.parse(e.data), false));
+    source.addEventListener("gone", (e) => { forget(JSON.parse(e.data).userId); tally(); });
     source.addEventListener("event", (e) => addEvent(JSON.parse(e.data)));
     source.addEventListener("health", (e) => health(JSON.parse(e.data)));
     source.onerror = () => {
