@@ -367,3 +367,23 @@ async def test_two_processes_on_one_tinydb_file_are_refused(tmp_path: Path) -> N
     again = TinyDBStore(path)  # closed: free again
     await again.open()
     await again.close()
+
+
+@pytest.mark.slow
+def test_a_second_hub_on_one_tinydb_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    db = str(tmp_path / "presence.json")
+    first = HubProcess(["--broker", "embedded", "--listen", f"127.0.0.1:{free_port()}",
+                        "--db", db], tmp_path)
+    try:
+        first.start()
+        second = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "--broker", "embedded", "--listen",
+             f"127.0.0.1:{free_port()}", "--db", db], capture_output=True, text=True,
+            timeout=60, cwd=tmp_path)
+        assert second.returncode == 1
+        assert "Traceback" not in second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        assert f"another process (pid {first.proc.pid}) uses the TinyDB file" in last  # type: ignore[union-attr]
+    finally:
+        first.close()
+
