@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -38,16 +37,6 @@ from tests.support.wait import async_wait_for, wait_for
 pytestmark = pytest.mark.slow
 
 HOST = "127.0.0.1"
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(workdir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 def _hub(kind: str, request: pytest.FixtureRequest, tmp_path: Path,

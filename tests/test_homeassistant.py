@@ -384,7 +384,7 @@ async def watch(port: int, *filters: str, login: tuple[str, str] | None = None) 
 
 
 async def test_configs_are_removed_with_the_user() -> None:
-    async with running("embedded", storage="memory") as (presence, hub, port):
+    async with running("embedded", storage="memory") as (presence, _hub, port):
         w = await watch(port, "homeassistant/#")
         try:
             await presence.set_device_status("dave", "phone", "online")

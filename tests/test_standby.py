@@ -40,16 +40,6 @@ from tests.test_agent_helpers import TcpProxy
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(workdir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 def hub_args(mosq: MosquittoProcess, redis: RedisProcess | str, name: str) -> list[str]:
     redis_url = redis if isinstance(redis, str) else redis.url
     return ["--broker", mosq.url, "--storage", "redis", "--redis-url", redis_url, "--standby",

@@ -310,20 +310,6 @@ async def test_tinydb_identical_entries_are_still_two_entries(tmp_path: Path) ->
 # Redis frozen with SIGSTOP: a call times out, and runs when the server goes on
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A redis-server of this test alone: freezing the session's one would stall others."""
-    server = RedisProcess(workdir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server.pid, signal.SIGCONT)
-        server.cleanup()
-
-
 @contextlib.contextmanager
 def frozen(server: RedisProcess) -> Iterator[None]:
     """SIGSTOP: the kernel still accepts connections and buffers commands; nothing answers."""

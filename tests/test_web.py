@@ -364,20 +364,10 @@ def test_the_event_stream_delivers_a_status_change(hub: WebHub) -> None:
 # ------------------------------------------------------------------------------ in-process
 
 
-@pytest.fixture
-def mosquitto_proc(tmp_path: Path) -> Iterator[MosquittoProcess]:
-    proc = MosquittoProcess(workdir=tmp_path / "mosquitto")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.cleanup()
-
-
 async def test_healthz_is_503_while_the_broker_link_is_down(
-        mosquitto_proc: MosquittoProcess) -> None:
+        mosquitto: MosquittoProcess) -> None:
     service = create_presence_service(storage="memory")
-    mqtt = attach_broker(service, mosquitto_proc.url)
+    mqtt = attach_broker(service, mosquitto.url)
     web = WebServer(service, f"{HOST}:0", link=MqttLink(mqtt))
     service.attach(web)
     async with service, aiohttp.ClientSession() as session:
@@ -394,12 +384,12 @@ async def test_healthz_is_503_while_the_broker_link_is_down(
         _status, body = await async_wait_for(
             lambda: _when(health(), lambda r: r[0] == 200), 5, "the link up")
         assert body["broker"] == {"kind": "external", "up": True}
-        await asyncio.to_thread(mosquitto_proc.stop)
+        await asyncio.to_thread(mosquitto.stop)
         _status, body = await async_wait_for(
             lambda: _when(health(), lambda r: r[0] == 503), 5, "/healthz to say 503")
         assert body["status"] == "unavailable" and body["broker"]["up"] is False
         assert await link_up() == 0
-        await asyncio.to_thread(mosquitto_proc.restart)  # same port, same persistence
+        await asyncio.to_thread(mosquitto.restart)  # same port, same persistence
         await async_wait_for(lambda: _when(health(), lambda r: r[0] == 200), 10,
                              "the hub back on its broker")
         assert await link_up() == 1

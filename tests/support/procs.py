@@ -11,6 +11,7 @@ skipped broker test would hide a broken machine, so it fails instead.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -354,6 +355,21 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoProcess
     finally:
         for proc in made:
             proc.cleanup()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone, for tests that kill, restart or freeze it (doing that
+    to the session's one would stall the others); continued at teardown if it was frozen."""
+    server = RedisProcess(workdir=tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.pid, signal.SIGCONT)
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")
