@@ -81,12 +81,7 @@ def _common_options() -> _Parser:
     for key in KEYS:
         if not key.has_flag or key.name in _COMMAND_ONLY:
             continue
-        help_text = f"{key.help} [{key.env}]"
-        if key.kind == "bool":
-            group.add_argument(key.flag, dest=key.name, action="store_true", help=help_text)
-        else:
-            group.add_argument(key.flag, dest=key.name, metavar=key.metavar or "VALUE",
-                               help=help_text)
+        key.add_flag(group)
     common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return common

@@ -95,13 +95,7 @@ def _common_options() -> _Parser:
     group = common.add_argument_group(
         "connection (default: the agent's config file and PRESENCE_*)")
     for name in _CONNECTION_KEYS:
-        key = KEYS_BY_NAME[name]
-        help_text = f"{key.help} [{key.env}]"
-        if key.kind == "bool":
-            group.add_argument(key.flag, dest=key.name, action="store_true", help=help_text)
-        else:
-            group.add_argument(key.flag, dest=key.name, metavar=key.metavar or "VALUE",
-                               help=help_text)
+        KEYS_BY_NAME[name].add_flag(group)
     group.add_argument("--config", metavar="PATH", help="agent config file [PRESENCE_CONFIG]")
     common.add_argument("--json", action="store_true",
                         help="print the reply's structured data as JSON instead of the text")

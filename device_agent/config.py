@@ -72,6 +72,17 @@ class Key:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def add_flag(self, group: Any) -> None:
+        """Its command-line flag on an argparse parser or group (presence-agent and presence
+        take the same flags for the same settings), with the environment variable in its
+        help."""
+        help_text = f"{self.help} [{self.env}]"
+        if self.kind == "bool":
+            group.add_argument(self.flag, dest=self.name, action="store_true", help=help_text)
+        else:
+            group.add_argument(self.flag, dest=self.name, metavar=self.metavar or "VALUE",
+                               help=help_text)
+
 
 KEYS: Final[tuple[Key, ...]] = (
     Key("broker", "url", "MQTT broker: HOST:PORT, mqtt://[user:pass@]host[:1883] or"

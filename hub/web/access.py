@@ -20,6 +20,8 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hub.core.errors import PresenceError
+
 #: host names that never leave the machine (besides every 127.0.0.0/8 and ::1 address)
 LOOPBACK_NAMES = frozenset({"localhost"})
 
@@ -69,6 +71,16 @@ def parse_http_address(value: str) -> HttpAddress:
         raise HttpAddressError(f"invalid --http address {value!r}: use HOST:PORT, e.g. "
                                "127.0.0.1:8080")
     return HttpAddress(host, int(port))
+
+
+def allowed_address(address: HttpAddress | str, token: str | None) -> HttpAddress:
+    """The address to serve on, parsed; :class:`PresenceError` (one line) if it is refused."""
+    if isinstance(address, str):
+        address = parse_http_address(address)
+    refused = http_access_error(address, token)
+    if refused is not None:
+        raise PresenceError(refused)
+    return address
 
 
 def http_access_error(address: HttpAddress, token: str | None) -> str | None:

@@ -47,7 +47,7 @@ from prometheus_client import (
 
 from hub.app.service import PresenceService
 from hub.core.errors import PresenceError
-from hub.web.access import HttpAddress, TokenCheck, http_access_error, parse_http_address
+from hub.web.access import HttpAddress, TokenCheck, allowed_address
 from hub.web.link import BrokerLink, NoBroker
 from hub.web.live import PENDING_USERS, STOPPING, LiveFeed, Stream, sse
 from hub.web.metrics import Counts, HubCollector, StatusCounts
@@ -94,13 +94,8 @@ class WebServer:
                  token: str | None = None, link: BrokerLink | None = None,
                  pending_users: int = PENDING_USERS, max_streams: int = MAX_STREAMS,
                  write_timeout: float = WRITE_TIMEOUT_S) -> None:
-        if isinstance(address, str):
-            address = parse_http_address(address)
-        refused = http_access_error(address, token)
-        if refused is not None:
-            raise PresenceError(refused)
         self.service = service
-        self.address = address
+        self.address = address = allowed_address(address, token)
         self.port = address.port
         self.link: BrokerLink = link if link is not None else NoBroker()
         self._token = TokenCheck(token) if token is not None else None

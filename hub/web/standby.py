@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.core.errors import PresenceError
-from hub.web.access import HttpAddress, TokenCheck, http_access_error, parse_http_address
+from hub.web.access import HttpAddress, TokenCheck, allowed_address
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -28,12 +28,7 @@ class StandbyServer:
 
     def __init__(self, address: HttpAddress | str, *, name: str, active: Callable[[], str],
                  token: str | None = None) -> None:
-        if isinstance(address, str):
-            address = parse_http_address(address)
-        refused = http_access_error(address, token)
-        if refused is not None:
-            raise PresenceError(refused)
-        self.address = address
+        self.address = allowed_address(address, token)
         self.name = name
         self.active = active
         self._token = TokenCheck(token) if token is not None else None
