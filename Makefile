@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # machine they starved the tests that time real processes.
 TEST_WORKERS ?= 2
 
-.PHONY: run test check lint typecheck bench truth failover faults tour clean
+.PHONY: run test check lint typecheck bench bench-full truth failover faults tour clean
 
 # setuptools in the venv itself lets tests/test_agent_install.py build the wheel without an
 # isolated build environment. The editable install's "Editable installation" notice from
@@ -41,6 +41,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# Long (about 40 minutes, and up to ~4 GB of RAM for the 1M-device restart): the same scenarios
+# and the same BENCH {json} line at the sizes of the targets.
+bench-full: $(STAMP)
+	$(BIN)/python -m bench
 
 # README's tour replayed from this checkout on the embedded broker and on a Mosquitto it starts,
 # every promised output checked (tests/test_tour.py runs the same).

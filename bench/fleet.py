@@ -25,9 +25,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bench import wire
-from bench.infra import BenchError, Observer
+from bench.infra import BenchError
 
 _run_ids = itertools.count(1)
 
@@ -51,6 +52,14 @@ def heartbeat_batch(prefix: str, tag: str, start: int, stop: int) -> wire.Packet
             yield wire.publish_packet(f"{prefix}/devices/{user}/{dev}/heartbeat", payload)
 
     return wire.PacketBatch(packets())  # type: ignore[arg-type]
+
+
+class MarkerFeed(Protocol):
+    """Where markers come back: ``(arrival time.time(), topic, marker text)`` per message (an
+    :class:`bench.infra.Observer` of the hub's or the echo's topics, or a subscriber's own output)."""
+
+    @property
+    def messages(self) -> list[tuple[float, str, bytes]]: ...
 
 
 @dataclass
@@ -140,7 +149,7 @@ class Fleet:
             self.markers.append(m)
         return m
 
-    def marker_lags(self, observer: Observer) -> list[tuple[float, float | None]]:
+    def marker_lags(self, observer: MarkerFeed) -> list[tuple[float, float | None]]:
         """(sent, lag) of every marker, lag None when the observer has not seen it (yet)."""
         seen: dict[str, float] = {}
         for t, _topic, payload in observer.messages:
@@ -153,7 +162,7 @@ class Fleet:
             out.append((m.sent, None if arrived is None else arrived - m.sent))
         return out
 
-    def wait_markers(self, observer: Observer, last: list[Marker], timeout: float) -> float:
+    def wait_markers(self, observer: MarkerFeed, last: list[Marker], timeout: float) -> float:
         """Wait until the observer saw every marker in ``last``; return the last arrival time."""
         want = {f"{self.tag}-{m.seq}" for m in last}
         deadline = time.monotonic() + timeout

@@ -30,19 +30,24 @@ def test_bench_smoke_run_reports_every_figure() -> None:
     figures = json.loads(lines[-1][len("BENCH "):])
     assert figures["failed"] == [], proc.stdout[-3000:]
     assert proc.returncode == 0
-    for key in ("ingest_ratio", "ingest_hub_sustained", "ingest_bare_sustained", "steady_cpu",
+    for key in ("ingest_ratio", "ingest_ratio_c", "ingest_hub_sustained", "ingest_bare_sustained",
+                "ingest_c_sustained", "who_page_p99_ms", "who_loop_stall_max_ms",
+                "who_first_page_ms", "who_scan_page_ms", "who_e2e_ms", "steady_cpu",
                 "steady_rss_per_device_b", "will_p99_ms", "restart_ready_s",
                 "restart_republished_s", "storm_p99_s", "embedded_max_devices",
                 "engine_heartbeats_per_s"):
         assert isinstance(figures.get(key), int | float), key
     assert figures["storm_users"] == 100
     assert figures["will_kills"] == 3
-    assert "target ingest_ratio" in proc.stdout  # the readable table is printed
+    assert figures["who_listed"] > 0 and figures["who_pages"] == 20
+    for target in ("target ingest_ratio_c", "target ingest_ratio ", "target who page p99",
+                   "target who: loop"):  # the readable table, every figure with its target
+        assert target in proc.stdout
 
 
 def test_bench_help_lists_scenarios() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0
-    for word in ("--quick", "--only", "ingest", "steady", "storm", "embedded"):
+    for word in ("--quick", "--only", "ingest", "steady", "storm", "embedded", "who", "bench-full"):
         assert word in proc.stdout
