@@ -19,7 +19,7 @@ from hub import create_presence_service, run_command
 from hub.protocol import ConnPayload, new_session_id
 from tests.support.procs import RedisProcess, free_port
 from tests.support.wait import async_wait_for
-from tests.test_store_faults import frozen, own_redis  # noqa: F401 - the fixture
+from tests.test_store_faults import frozen
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def birth(user: str, device: str) -> list[tuple[str, bytes]]:
 
 
 async def test_a_stalled_redis_stops_no_timer_and_no_ingest(
-    own_redis: RedisProcess, caplog: pytest.LogCaptureFixture  # noqa: F811
+    own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
     presence = create_presence_service(
         storage="redis", redis_url=own_redis.url, heartbeat_interval_ms=200,
