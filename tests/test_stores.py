@@ -679,6 +679,25 @@ async def test_redis_large_batches_go_in_several_transactions(
         await store.close()
 
 
+async def test_redis_a_hand_edited_field_costs_only_its_user(redis_server: RedisProcess) -> None:
+    """The load parses a chunk of users with one json.loads; a stored value that is not JSON
+    (an operator's hand edit) makes that chunk read field by field, and only the user whose
+    field is wrong is skipped (with a warning), not its chunk."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_server.url, LIMITS, namespace=namespace)
+    await store.open()
+    try:
+        users = [user(f"u{i}", device("phone")) for i in range(5)]
+        await store.save_users(users)
+        await store.client.hset(f"{namespace}:user:u2", "version", "three")
+        await store.client.hset(f"{namespace}:device:u3:phone", "last_seen", "{broken")
+        loaded = by_id(await store.load_users())
+        assert set(loaded) == {"u0", "u1", "u4"}
+        assert loaded == {u.id: u for u in users if u.id in loaded}
+    finally:
+        await store.close()
+
+
 async def test_redis_activity_ids_stay_ordered_when_the_clock_goes_back(
     redis_server: RedisProcess,
 ) -> None:

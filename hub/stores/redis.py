@@ -20,6 +20,9 @@ Why transactions: a batch is written in ``MULTI``/``EXEC`` transactions (one per
 orphan device; a batch of more than 500 users may land partly, each user whole. The set of
 devices to delete is read under ``WATCH``, so a concurrent writer makes the transaction retry
 rather than leak keys.
+A load reads users in chunks through one Lua script a chunk that returns the chunk as the
+records' own JSON, parsed with one ``json.loads`` (redis-py parses a reply in Python: with a
+pipeline of HGETALLs, 100k users took 33 s to load, with the script about 7 s).
 Appends run one small Lua script per user, because a stream id derived from ``received_at``
 must be compared with the stream's last id atomically.
 
@@ -170,20 +173,132 @@ class _HashCodec:
         return out
 
     def decode(self, raw: dict[str, str]) -> dict[str, Any]:
-        """Known fields only: an unknown field (a newer writer's) is ignored, not parsed."""
+        """Known fields only: an unknown field (a newer writer's) is ignored, not parsed.
+
+        The JSON fields of a hash are parsed as one object (one ``json.loads`` a record, not
+        one a field: that was most of a 100k-user load); a record whose text does not parse
+        as exactly those fields (a hand edit) is parsed field by field instead.
+        """
         out: dict[str, Any] = {}
+        parts: list[str] = []
         for key, value in raw.items():
             if key not in self.fields:
                 continue
             if key in self.strings:
                 out[key] = value
             else:
+                parts.append(f'"{key}":{value}')
+        if not parts:
+            return out
+        try:
+            parsed = json.loads("{" + ",".join(parts) + "}")
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and len(parsed) == len(parts):
+            out.update(parsed)
+            return out
+        for key, value in raw.items():
+            if key in self.fields and key not in self.strings:
                 try:
                     out[key] = json.loads(value)
                 except ValueError:
                     out[key] = value  # let the model report it as an invalid field
         return out
 
+
+_LOAD_SCRIPT = """
+-- ARGV[1]: the namespace; ARGV[2..]: user ids. One JSON array, an entry per user that exists:
+-- [id, {user hash}, [{device hash}, ...]] (devices in the order of the user's devices field).
+-- Why a script: redis-py parses every reply in Python (two replies a user with pipelines:
+-- 330 us a user, 33 s for 100k users); one JSON string a chunk is parsed in C.
+local ns = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local uid = ARGV[i]
+  local flat = redis.call('HGETALL', ns .. ':user:' .. uid)
+  if #flat > 0 then
+    local user = {}
+    for j = 1, #flat, 2 do user[flat[j]] = flat[j + 1] end
+    local devices = {}
+    local listed = user['devices']
+    if listed then
+      local ok, ids = pcall(cjson.decode, listed)
+      if ok and type(ids) == 'table' then
+        for _, did in ipairs(ids) do
+          if type(did) == 'string' then
+            local df = redis.call('HGETALL', ns .. ':device:' .. uid .. ':' .. did)
+            if #df > 0 then
+              local dev = {}
+              for j = 1, #df, 2 do dev[df[j]] = df[j + 1] end
+              devices[#devices + 1] = dev
+            end
+          end
+        end
+      end
+    end
+    out[#out + 1] = {uid, user, devices}
+  end
+end
+return cjson.encode(out)
+"""
+
+
+_LOAD_JSON_SCRIPT = """
+-- The same read as _LOAD_SCRIPT, written as the records' own JSON: string fields encoded,
+-- every other known field's stored text (JSON already) put in as it is, unknown fields left
+-- out. ARGV[1]: the namespace; ARGV[2]/ARGV[3]: the user's string and other fields, ARGV[4]/
+-- ARGV[5]: the device's (space-separated); ARGV[6..]: user ids. Python parses a chunk with
+-- one json.loads; a stored text that is not JSON (a hand edit) fails that parse, and the
+-- chunk is read again with _LOAD_SCRIPT, field by field.
+local ns = ARGV[1]
+local function set_of(text)
+  local s = {}
+  for name in string.gmatch(text, '%S+') do s[name] = true end
+  return s
+end
+local ustr, uraw, dstr, draw = set_of(ARGV[2]), set_of(ARGV[3]), set_of(ARGV[4]), set_of(ARGV[5])
+local function object(flat, strings, raws)
+  local parts = {}
+  for j = 1, #flat, 2 do
+    local k, v = flat[j], flat[j + 1]
+    if strings[k] then
+      parts[#parts + 1] = cjson.encode(k) .. ':' .. cjson.encode(v)
+    elseif raws[k] then
+      parts[#parts + 1] = cjson.encode(k) .. ':' .. v
+    end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+local out = {}
+for i = 6, #ARGV do
+  local uid = ARGV[i]
+  local flat = redis.call('HGETALL', ns .. ':user:' .. uid)
+  if #flat > 0 then
+    local devices = {}
+    local listed = nil
+    for j = 1, #flat, 2 do
+      if flat[j] == 'devices' then listed = flat[j + 1] end
+    end
+    if listed then
+      local ok, ids = pcall(cjson.decode, listed)
+      if ok and type(ids) == 'table' then
+        for _, did in ipairs(ids) do
+          if type(did) == 'string' then
+            local df = redis.call('HGETALL', ns .. ':device:' .. uid .. ':' .. did)
+            if #df > 0 then devices[#devices + 1] = object(df, dstr, draw) end
+          end
+        end
+      end
+    end
+    out[#out + 1] = '[' .. cjson.encode(uid) .. ',' .. object(flat, ustr, uraw) .. ',[' ..
+      table.concat(devices, ',') .. ']]'
+  end
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+
+
+_MEMBERS_JSON = "return cjson.encode(redis.call('SMEMBERS', KEYS[1]))"
 
 _SWAP_CLEAN_STOP = """
 -- KEYS: the clean-stop marker, the hub lease's fence key. ARGV: new value, our fence ('': none).
@@ -200,6 +315,10 @@ return 0
 
 _USER_CODEC = _HashCodec(UserRecord, exclude=frozenset({"devices"}))
 _DEVICE_CODEC = _HashCodec(DeviceRecord)
+#: the fields _LOAD_JSON_SCRIPT puts in as strings and as stored JSON, for users and devices
+_LOAD_FIELDS = tuple(" ".join(sorted(names)) for names in (
+    _USER_CODEC.strings & _USER_CODEC.fields, _USER_CODEC.fields - _USER_CODEC.strings,
+    _DEVICE_CODEC.strings & _DEVICE_CODEC.fields, _DEVICE_CODEC.fields - _DEVICE_CODEC.strings))
 
 
 class RedisStore:
@@ -227,6 +346,8 @@ class RedisStore:
         self.timeout = timeout
         self._client: aioredis.Redis | None = None
         self._append: Any = None
+        self._load: Any = None
+        self._load_json: Any = None
         self._swap: Any = None
         self._ids = ActivityIds()
         # Writes of this process reach Redis in call order (asyncio.Lock is FIFO); without it
@@ -273,6 +394,8 @@ class RedisStore:
             raise StoreError(f"cannot reach Redis at {where}: {exc}") from exc
         self._client = client
         self._append = client.register_script(_APPEND_SCRIPT)
+        self._load = client.register_script(_LOAD_SCRIPT)
+        self._load_json = client.register_script(_LOAD_JSON_SCRIPT)
         self._swap = client.register_script(_SWAP_CLEAN_STOP)
 
     async def flush(self) -> None:
@@ -376,13 +499,53 @@ class RedisStore:
 
     async def _load_users(self) -> list[UserRecord]:
         client = self.client
-        user_ids = sorted(_text(m) for m in await client.smembers(self.users_key))
+        # the ids as one JSON string: a 100k-member SMEMBERS reply took 2.6 s of redis-py's
+        # Python parsing, one json.loads takes milliseconds
+        user_ids = sorted(json.loads(await client.eval(_MEMBERS_JSON, 1, self.users_key)))
         out: list[UserRecord] = []
         for chunk in _chunks(user_ids, _CHUNK_USERS):
             out += await self._load_chunk(chunk)
         return out
 
     async def _load_chunk(self, user_ids: list[str]) -> list[UserRecord]:
+        """One script call a chunk (see ``_LOAD_JSON_SCRIPT``): a user and its devices are
+        read in one atomic step, as a writer's transaction left them, and parsed with one
+        ``json.loads``; a chunk with a hand-edited value is read field by field."""
+        raw = await self._load_json(args=[self.namespace, *_LOAD_FIELDS, *user_ids])
+        try:
+            rows = json.loads(raw)
+        except ValueError:
+            return await self._load_chunk_by_field(user_ids)
+        out: list[UserRecord] = []
+        for uid, fields, devices in rows:
+            fields["devices"] = devices
+            try:
+                out.append(UserRecord.model_validate(fields))
+            except ValidationError as exc:
+                log.warning(
+                    "skipping unreadable user %r in Redis at %s: %s", uid,
+                    redact_url(self.url), exc.errors(include_url=False)[:3],
+                )
+        return out
+
+    async def _load_chunk_by_field(self, user_ids: list[str]) -> list[UserRecord]:
+        raw = await self._load(args=[self.namespace, *user_ids])
+        out: list[UserRecord] = []
+        for uid, raw_user, raw_devices in json.loads(raw):
+            fields = _USER_CODEC.decode(raw_user)
+            # cjson writes an empty Lua table as {}: no devices
+            devices = raw_devices if isinstance(raw_devices, list) else []
+            fields["devices"] = [_DEVICE_CODEC.decode(d) for d in devices]
+            try:
+                out.append(UserRecord.model_validate(fields))
+            except ValidationError as exc:
+                log.warning(
+                    "skipping unreadable user %r in Redis at %s: %s", uid,
+                    redact_url(self.url), exc.errors(include_url=False)[:3],
+                )
+        return out
+
+    async def _load_chunk_pipelined(self, user_ids: list[str]) -> list[UserRecord]:
         client = self.client
         async with client.pipeline(transaction=True) as pipe:
             for uid in user_ids:
