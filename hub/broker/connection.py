@@ -1,15 +1,15 @@
-"""One client connection of the embedded broker: amqtt's protocol handler, three flows redone.
+"""One client connection of the embedded broker: amqtt's protocol handler, its flows redone.
 
 Read against amqtt 0.12.1, like the rest of this package (``AMQTT_VERSION`` in
 :mod:`hub.broker.embedded`; the broker refuses to start on any other version). amqtt's
-``BrokerProtocolHandler`` does three things the hub cannot live with:
+``BrokerProtocolHandler`` does four things the hub cannot live with:
 
 * **PUBACK on receipt.** It acknowledges a client's QoS 1 PUBLISH as soon as it has parsed it,
   before anyone has acted on it, so a hub killed a moment later had acknowledged activity it
   never wrote (issue 11, defect 2). Here the PUBACK waits for whoever handles the message: the
   broker sends it (:meth:`HubHandler.send_pubacks`) at once, or after the store flush that
   persisted the message when the hub asks to hold it. QoS 2 is left as amqtt does it (PUBREC on
-  receipt): the presence protocol uses QoS 0 and 1 only.
+  receipt, the message handled at PUBREL): the presence protocol uses QoS 0 and 1 only.
 * **One task per outgoing message**, each waiting up to 5 s for its PUBACK and then logging a
   traceback, and nothing bounding how many wait: three subscribers to ``presence/#`` that never
   read took the hub from 80 to 260 MB and starved every healthy device (defect 8). Here each
@@ -23,8 +23,17 @@ Read against amqtt 0.12.1, like the rest of this package (``AMQTT_VERSION`` in
 * **A DISCONNECT that is forgotten.** amqtt hands a DISCONNECT to a task and to a future that
   exists only once the connection is fully started; a DISCONNECT read before that, or in the
   same read as the end of the stream, was lost and the will went out after a clean stop
-  (defect 9; MQTT says a DISCONNECT discards the will [MQTT-3.14.4-3]). Here it is noted on the
-  handler the moment it is parsed.
+  (defect 9; MQTT says a DISCONNECT discards the will [MQTT-3.14.4-3]). Here the read loop
+  notes it on the handler the moment it is parsed.
+* **Seven tasks and ~44 KB per idle connection** (issue 16; measured with tracemalloc and
+  ``asyncio.all_tasks()`` at 1k-10k devices): a reader task, a task per read for the
+  keepalive's ``wait_for``, four waiter tasks in the broker's message loop, the connection's
+  own task; four ``asyncio.Queue`` (subscriptions, unsubscriptions, and the session's two) of
+  ~3.7 KB each, two ``Event``, a keepalive timer re-made for every packet sent. Here one task
+  per connection reads and handles its packets (``_HubBroker._read_loop``), one timer per
+  connection watches its keepalive, and the handler keeps no queue; only work that must wait
+  for the client (retained messages beyond its queue) runs in a task of its own, while it
+  waits.
 """
 
 from __future__ import annotations
@@ -33,13 +42,15 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final
 
+from amqtt.errors import ProtocolHandlerError
+from amqtt.events import MQTTEvents
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import INCOMING
 
 __all__ = ["Backlog", "DeliveryLimits", "HubHandler", "Message", "Outbox"]
 
@@ -54,7 +65,10 @@ MAX_QUEUED: Final = 1000
 MAX_INFLIGHT: Final = 1000
 
 _PUBACK: Final = 0x40
+_PUBREC: Final = 0x50
 _PUBREL: Final = 0x62
+_PUBCOMP: Final = 0x70
+_PINGRESP: Final = b"\xd0\x00"
 _pack_id = struct.Struct("!H").pack
 
 
@@ -278,23 +292,53 @@ class Backlog:
 
 
 class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's broker-side protocol handler with the three flows of the module docstring redone.
+    """amqtt's broker-side protocol handler with the flows of the module docstring redone.
 
     ``outbox_of(session)`` gives the session's :class:`Outbox`; ``backlog`` hears how full its
     queue is, and its ``on_drop(handler)`` is called once per connection, when the queue first
     overflows.
+
+    It reads nothing itself: the broker's read loop (``_HubBroker._read_loop``) parses the
+    client's packets and calls it for acknowledgements. amqtt's handler ran a reader task per
+    connection (plus a task per read for its keepalive ``wait_for``), an ``Event`` pair, two
+    ``asyncio.Queue`` for subscriptions, a write lock and a logger adapter: ~15 KB an idle
+    connection. What is left here is the socket, the outbox bookkeeping and one keepalive timer.
     """
 
-    # slots: amqtt's handler keeps ~20 attributes in its __dict__ already, and ten more made
-    # each connection ~900 bytes bigger (measured, tracemalloc); in slots they cost ~100
-    __slots__ = (
-        "_backlog", "_drainer", "_high_water", "_outbox_of", "_room", "_stream", "_transport",
-        "disconnect_packet", "dropping", "held", "hub_grant", "hub_will", "waited_out",
+    # Slots for amqtt's fields as well as ours: nothing goes to a per-instance __dict__
+    # (amqtt's handler kept ~20 fields there; ten more of ours made each connection ~900
+    # bytes bigger, measured with tracemalloc; in slots they cost ~100).
+    __slots__ = (  # amqtt 0.12.1's ProtocolHandler and BrokerProtocolHandler fields, and ours
+        "_backlog", "_disconnect_waiter", "_drainer", "_high_water", "_keepalive_s",
+        "_keepalive_task", "_loop", "_on_silent",
+        "_outbox_of", "_pending_subscriptions", "_pending_unsubscriptions", "_puback_waiters",
+        "_pubcomp_waiters", "_pubrec_waiters", "_pubrel_waiters", "_reader_ready",
+        "_reader_stopped", "_reader_task", "_retained", "_retained_task", "_room", "_stream",
+        "_transport", "_write_lock", "disconnect_packet", "dropping", "heard_at", "held",
+        "hub_grant", "hub_will", "keepalive_timeout", "logger", "plugins_manager", "reader",
+        "session", "waited_out", "writer",
     )
 
     def __init__(self, plugins_manager: Any, outbox_of: Callable[[Any], Outbox],
                  backlog: Backlog) -> None:
-        super().__init__(plugins_manager)
+        # Not amqtt's __init__: it builds the Events, queues, lock and waiter tables this
+        # handler does without (the class docstring). Its fields are kept, empty, for amqtt's
+        # own code that may look at them.
+        self.plugins_manager = plugins_manager
+        self.logger = log
+        self.session: Any = None
+        self.reader: Any = None
+        self.writer: Any = None
+        self._loop = asyncio.get_running_loop()
+        self.keepalive_timeout = None
+        self._reader_task = None
+        self._reader_ready = None
+        self._reader_stopped = None
+        self._write_lock = None
+        self._puback_waiters = self._pubrec_waiters = _NO_WAITERS
+        self._pubrel_waiters = self._pubcomp_waiters = _NO_WAITERS
+        self._disconnect_waiter = None
+        self._pending_subscriptions = self._pending_unsubscriptions = None
         self._outbox_of = outbox_of
         self._backlog = backlog
         #: behind for longer than the backlog's patience: not waited for until it catches up
@@ -308,15 +352,28 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         self.held = 0
         #: whether this connection has dropped messages (logged once)
         self.dropping = False
+        #: loop time of the last bytes read from the client (the read loop sets it)
+        self.heard_at = 0.0
+        self._keepalive_task: asyncio.TimerHandle | None = None
+        self._keepalive_s = 0.0
+        self._on_silent: Callable[[HubHandler], None] | None = None
         self._transport: asyncio.WriteTransport | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._high_water = 64 * 1024
         self._drainer: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None
+        #: retained messages of new subscriptions still to send, and the task sending them
+        self._retained: deque[Message] | None = None
+        self._retained_task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def attach(self, session: Any, reader: Any, writer: Any) -> None:
-        super().attach(session, reader, writer)
+        # amqtt's also makes a logger adapter per connection (~0.5 KB); the module's logger does
+        if self.session is not None:
+            raise ProtocolHandlerError("Handler is already attached to a session")
+        self.session = session
+        self.reader = reader
+        self.writer = writer
         stream = getattr(writer, "_writer", None)  # asyncio.StreamWriter inside amqtt's adapter
         if isinstance(stream, asyncio.StreamWriter):
             self._stream = stream
@@ -326,19 +383,38 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
             self._high_water = transport.get_write_buffer_limits()[1]
 
     async def start(self) -> None:
-        await super().start()
-        # a DISCONNECT parsed before amqtt made its waiter (just above) would wait forever
-        waiter = self._disconnect_waiter
-        if self.disconnect_packet is not None and waiter is not None and not waiter.done():
-            waiter.set_result(self.disconnect_packet)
+        # amqtt starts a reader task and a keepalive timer here, then replays the session's
+        # unfinished flows, each in a task. The broker's read loop does the reading, the
+        # keepalive is watch_keepalive's one timer, and what the broker owes the client is in
+        # its outbox (resume). Left: client QoS 2 messages still waiting for their PUBREL,
+        # whose PUBREC goes again ([MQTT-4.4.0-1]).
+        if self.session is None:
+            raise ProtocolHandlerError("Handler is not attached to a stream")
+        for packet_id in self.session.inflight_in:
+            self.write(_ack(_PUBREC, packet_id))
 
     async def stop(self) -> None:
+        # amqtt's cancels its reader task and waits for it; there is none (the read loop ends
+        # on its own once the socket closes), so what is left is closing the socket.
         self._closed()
-        await super().stop()
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            await writer.close()
+        except (TimeoutError, OSError):
+            log.debug("closing a client's connection failed", exc_info=True)
+
+    async def handle_connection_closed(self) -> None:
+        # amqtt resolves its disconnect waiter; here the read loop must end: end its socket
+        _abort_transport(self)
 
     def _closed(self) -> None:
         self._transport = None
         self._backlog.gone(self)
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            self._keepalive_task = None
         if self._drainer is not None:
             self._drainer.cancel()
             self._drainer = None
@@ -350,39 +426,50 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         transport = self._transport
         return transport is not None and not transport.is_closing()
 
-    # -- DISCONNECT -------------------------------------------------------------------------------
-    def handle_disconnect(
-        self, disconnect: DisconnectPacket | None
-    ) -> Coroutine[Any, Any, None]:
-        # Deliberately not a coroutine function: amqtt's reader calls this the moment the packet
-        # is parsed and only then wraps the coroutine in a task, which it cancels unrun if the
-        # stream ends in the same read. Noting the packet here cannot be lost that way.
-        if isinstance(disconnect, DisconnectPacket) and self.disconnect_packet is None:
-            self.disconnect_packet = disconnect
-        coroutine: Coroutine[Any, Any, None] = super().handle_disconnect(disconnect)
-        return coroutine
+    def write(self, data: bytes) -> None:
+        """Write a packet the broker owes the client (an ack), unless the connection ended."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
-    async def wait_disconnect(self) -> DisconnectPacket | None:
-        result: DisconnectPacket | None = await super().wait_disconnect()
-        # amqtt's waiter is gone (None) once a DISCONNECT was handled before anyone waited
-        return self.disconnect_packet or result
+    async def _send_packet(self, packet: Any) -> None:
+        # amqtt's takes a lock, waits for the socket to drain and restarts a keepalive timer
+        # (whose expiry the broker ignores) for every packet it sends: CONNACK, SUBACK,
+        # UNSUBACK here. The bytes go to the transport's buffer like every other write.
+        writer = self.writer
+        if writer is not None:
+            writer.write(packet.to_bytes())
+        await self.plugins_manager.fire_event(
+            MQTTEvents.PACKET_SENT, packet=packet, session=self.session)
 
-    # -- incoming QoS 1: the PUBACK waits for whoever handles the message -------------------------
-    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
-        if app_message.direction != INCOMING:
-            await super()._handle_qos1_message_flow(app_message)
+    # -- keepalive --------------------------------------------------------------------------------
+    def watch_keepalive(self, seconds: float, on_silent: Callable[[HubHandler], None]) -> None:
+        """Call ``on_silent(self)`` once the client has been silent for ``seconds``.
+
+        One timer per connection, moved on only when it fires (to ``heard_at + seconds``):
+        amqtt wrapped every read in ``wait_for``, a task and a timer per read.
+        """
+        self._keepalive_s = seconds
+        self._on_silent = on_silent
+        self.heard_at = self._loop.time()
+        self._keepalive_task = self._loop.call_at(self.heard_at + seconds, self._check_silence)
+
+    def _check_silence(self) -> None:
+        due = self.heard_at + self._keepalive_s
+        if self._loop.time() < due:
+            self._keepalive_task = self._loop.call_at(due, self._check_silence)
             return
-        # amqtt queues the message for the broker and acknowledges it here, at once; the broker
-        # acknowledges it instead once the message is handled (EmbeddedBroker, send_pubacks)
-        await self.session.delivered_message_queue.put(app_message)
+        self._keepalive_task = None
+        if self._on_silent is not None and self.writable:
+            self._on_silent(self)
 
+    # -- incoming acknowledgements, from the read loop --------------------------------------------
     def send_pubacks(self, packet_ids: list[int]) -> None:
         """Acknowledge these QoS 1 PUBLISHes of this connection (nothing if it has ended)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        head = bytes((_PUBACK, 2))
-        transport.write(b"".join(head + _pack_id(packet_id) for packet_id in packet_ids))
+        transport.write(b"".join(_ack(_PUBACK, packet_id) for packet_id in packet_ids))
 
     # -- outgoing messages ------------------------------------------------------------------------
     def deliver(self, message: Message) -> None:
@@ -458,22 +545,75 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
             self._drainer = None
         self.pump()
 
-    async def handle_puback(self, puback: Any) -> None:
-        self._acked(puback.variable_header.packet_id)
-
-    async def handle_pubcomp(self, pubcomp: Any) -> None:
-        self._acked(pubcomp.packet_id)
-
-    def _acked(self, packet_id: int) -> None:
+    def acknowledged(self, packet_id: int) -> None:
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client."""
         # amqtt looks for a task waiting on this id; ours are in the outbox, and an id we do not
         # know (a late ack of a previous connection) is ignored, as MQTT allows
         if self.session is not None and self._outbox_of(self.session).acknowledged(packet_id):
             self.pump()
 
-    async def handle_pubrec(self, pubrec: Any) -> None:
+    def pubrec(self, packet_id: int) -> None:
+        """PUBREC from the client: its QoS 2 message is received; PUBREL is due."""
         if self.session is None:
             return
-        message = self._outbox_of(self.session).received(pubrec.packet_id)
-        transport = self._transport
-        if message is not None and transport is not None and not transport.is_closing():
-            transport.write(message.encode())  # the PUBREL
+        message = self._outbox_of(self.session).received(packet_id)
+        if message is not None:
+            self.write(message.encode())  # the PUBREL
+
+    def pong(self) -> None:
+        """PINGRESP, for the client's PINGREQ."""
+        self.write(_PINGRESP)
+
+    def qos2_received(self, packet_id: int) -> None:
+        """PUBREC: the client's QoS 2 PUBLISH is stored until its PUBREL."""
+        self.write(_ack(_PUBREC, packet_id))
+
+    def qos2_completed(self, packet_id: int) -> None:
+        """PUBCOMP: the client's PUBREL came (and its message, if known, was handled)."""
+        self.write(_ack(_PUBCOMP, packet_id))
+
+    # -- retained messages of a new subscription --------------------------------------------------
+    def deliver_retained(self, messages: list[Message]) -> None:
+        """Send ``messages`` at the pace the client reads: a subscriber to ``#`` must get every
+        one. What fits in the client's queue goes now; the rest from one task that waits for
+        room (the client's PUBACKs come through the read loop, which must not wait for them).
+        """
+        if self._retained is not None:  # still sending an earlier subscription's: after them
+            self._retained.extend(messages)
+            return
+        outbox = self._outbox_of(self.session)
+        for sent, message in enumerate(messages):
+            if outbox.full or not self.writable:
+                if self.writable:
+                    self._retained = deque(messages[sent:])
+                    self._retained_task = self._loop.create_task(self._send_retained())
+                return
+            self.deliver(message)
+
+    async def _send_retained(self) -> None:
+        pending = self._retained
+        try:
+            while pending and self.writable:
+                await self.deliver_waiting(pending.popleft())
+        finally:
+            self._retained = None
+            self._retained_task = None
+
+
+#: amqtt's waiter tables (packet id -> future), which this handler never fills.
+_NO_WAITERS: Final[Mapping[int, Any]] = MappingProxyType({})
+
+
+def _ack(kind: int, packet_id: int) -> bytes:
+    """A PUBACK, PUBREC, PUBREL or PUBCOMP for ``packet_id``."""
+    return bytes((kind, 2)) + _pack_id(packet_id)
+
+
+def _abort_transport(handler: HubHandler) -> None:
+    """End ``handler``'s connection the way a dead network would (the read loop then ends)."""
+    stream = getattr(handler.writer, "_writer", None)
+    transport = getattr(stream, "transport", None)
+    if transport is not None:
+        transport.abort()
+    elif handler.reader is not None:
+        handler.reader.feed_eof()

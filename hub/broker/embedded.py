@@ -90,6 +90,12 @@ connections that ended. Every delivery still passes the receive check of hub/aut
 Measured with ``python -m bench --only embedded``: 10k agent-like devices at ~8% of a core
 (amqtt alone: 1,000 at 30%, 2,000 at 100%).
 
+Memory (issue 16): amqtt kept seven tasks, four ``asyncio.Queue`` and a keepalive task per read
+for every connection, ~44 KB per idle device. One task per connection now reads and handles
+its packets (``_HubBroker._read_loop``, replacing amqtt's reader task and message loop), one
+timer watches its keepalive, and handler, session and stream adapters keep their fields in
+slots (hub/broker/connection.py, hub/broker/session.py).
+
 Known and left alone (harmless for presence, documented here so nobody is surprised):
 
 * An outgoing QoS 1 message not acknowledged is sent again only when a persistent session
@@ -117,15 +123,36 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.errors import BrokerError as AmqttBrokerError
-from amqtt.events import BrokerEvents
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.packet import (
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import (
+    BrokerProtocolHandler,
+    Subscription,
+    UnSubscription,
+)
+from amqtt.session import IncomingApplicationMessage
 from amqtt.utils import gen_client_id
 from transitions import MachineError
 
@@ -352,7 +379,7 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         await self._client_connected(
             listener_name,
             _LimitedReader(reader, writer, self._owner),
-            StreamWriterAdapter(writer),
+            _Writer(writer),
         )
 
     @staticmethod
@@ -434,10 +461,10 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         session.is_anonymous = False
         handler.hub_will = _Will.of(session)
         handler.hub_grant = grant
-        # Keepalive: amqtt times reads out after `keep_alive` seconds but then does nothing.
+        # Keepalive: amqtt times reads out after `keep_alive` seconds but then does nothing;
+        # the handler's timer closes the connection (_serve_client arms it).
         if session.keep_alive > 0:
             session.keep_alive = session.keep_alive * KEEPALIVE_GRACE
-            handler.handle_read_timeout = lambda: self._keepalive_expired(handler)
         return handler, session
 
     def _new_handler(self, plugins_manager: Any) -> HubHandler:
@@ -577,60 +604,167 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
         )
         await handler.start()
+        if session.keep_alive > 0 and isinstance(handler, HubHandler):
+            handler.watch_keepalive(session.keep_alive, self._keepalive_expired)
         # what a persistent session was sent and not acknowledged, then what was queued for it
         # while it was away (amqtt replays only the latter, through a task per message)
         handler.resume()
         for topic_filter in self._subscriptions.filters_of(session.client_id):
             await self._publish_retained_messages_for_subscription((topic_filter, 0), session)
-        await self._client_message_loop(session, handler)
+        await self._read_loop(session, handler)
 
-    async def _client_message_loop(self, session: Any, handler: Any) -> None:
-        """amqtt 0.12.1's loop over one client's packets, but its messages come before its end.
+    async def _read_loop(self, session: Any, handler: HubHandler) -> None:
+        """amqtt 0.12.1's reader task and message loop for one client, as one loop in the
+        connection's own task (issue 16: seven tasks and ~44 KB an idle connection before).
 
-        amqtt handled a DISCONNECT (or the end of the stream) first when a PUBLISH was ready
-        in the same turn, and dropped every PUBLISH still queued behind it: a client that sent
-        its clean ``offline`` and DISCONNECT together lost the ``offline``. MQTT has packets
-        handled in the order they were sent; a PUBLISH read before the connection ended is
-        handled before the end.
+        amqtt read each packet byte by byte in a reader task, each read wrapped in a
+        keepalive ``wait_for`` (a task and a timer per read), made a task per packet, and
+        passed messages, subscriptions and the DISCONNECT through queues to a message loop of
+        four waiter tasks. Here the client's bytes are read in blocks, split into packets and
+        each handled in order, as MQTT has them handled: a PUBLISH read before the connection
+        ended is handled before the end (amqtt handled a DISCONNECT or end of stream first
+        and dropped PUBLISHes queued behind it: a clean ``offline`` sent with its DISCONNECT
+        was lost). Nothing here waits for the client: retained messages beyond its queue go
+        from a task of their own (HubHandler.deliver_retained), acknowledgements are written
+        to the socket's buffer.
+
+        Ends with the DISCONNECT (no will) or the end of the stream (the will goes out), or
+        returns at once on a PUBLISH amqtt treats as a protocol error (an empty topic), which
+        _handle_client_session ends.
         """
-        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        stream = handler.reader.stream if isinstance(handler.reader, _LimitedReader) else None
+        if stream is None:  # not one of our TCP listeners: nothing else is configured
+            raise AMQTTError("the embedded broker reads TCP streams only")
+        limit = self._owner.max_packet_bytes
+        clock = asyncio.get_running_loop().time
+        pending = b""
+        ending: DisconnectPacket | None = None
         try:
-            while True:
-                done, _ = await asyncio.wait(
-                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if subscribe_waiter in done:
-                    await self._handle_subscription(session, handler, subscribe_waiter)
-                    subscribe_waiter = asyncio.ensure_future(
-                        handler.get_next_pending_subscription())
-                if unsubscribe_waiter in done:
-                    await self._handle_unsubscription(session, handler, unsubscribe_waiter)
-                    unsubscribe_waiter = asyncio.ensure_future(
-                        handler.get_next_pending_unsubscription())
-                if wait_deliver in done:
-                    if not await self._handle_message_delivery(session, handler, wait_deliver):
-                        return  # a protocol error: _handle_client_session ends the connection
-                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-                if disconnect_waiter in done:
-                    queued = session.delivered_message_queue
-                    while not queued.empty():
-                        delivered = asyncio.get_running_loop().create_future()
-                        delivered.set_result(queued.get_nowait())
-                        if not await self._handle_message_delivery(session, handler, delivered):
-                            break
-                    await self._handle_disconnect(session, handler, disconnect_waiter)
-                    return
-        except asyncio.CancelledError:
-            log.debug("message loop of client %s cancelled", session.client_id)
-        finally:
-            waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+            while ending is None:
+                data = await stream.read(_READ_SIZE)
+                if not data:
+                    break
+                handler.heard_at = clock()
+                pending = pending + data if pending else data
+                offset, end = 0, len(pending)
+                while offset < end:
+                    header = _packet_header(pending, offset)
+                    if header is None:
+                        break  # the rest of the header has not come yet
+                    first, start, size = header
+                    if size > limit:
+                        self._too_large(handler, size, limit)
+                        return await self._end(session, handler, None)
+                    if start + size > end:
+                        break  # the rest of the packet has not come yet
+                    offset = start + size
+                    outcome = await self._packet(session, handler, first, pending[start:offset])
+                    if outcome is _PROTOCOL_ERROR:
+                        return None
+                    if outcome is _CLOSE:
+                        return await self._end(session, handler, None)
+                    if isinstance(outcome, DisconnectPacket):
+                        ending = outcome
+                        break
+                pending = pending[offset:]
+        except _BadPacket as exc:
+            log.info("client %s sent %s; closing its connection", session.client_id, exc)
+        except (ConnectionError, OSError):
+            pass  # the connection is gone: as an end of stream
+        except AMQTTError as exc:
+            log.warning("closing the connection of client %s: %r", session.client_id, exc)
+        await self._end(session, handler, ending)
+
+    async def _end(self, session: Any, handler: HubHandler,
+                   disconnect: DisconnectPacket | None) -> None:
+        await self._handle_disconnect(session, handler, _Ready(disconnect))
+
+    def _too_large(self, handler: HubHandler, size: int, limit: int) -> None:
+        transport = handler._transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        self._owner.policy.note(
+            "too_large", "closing the connection from %s: a %d-byte packet is over the "
+            "%d-byte limit", peer, size, limit,
+        )
+        _abort(handler)
+
+    async def _packet(self, session: Any, handler: HubHandler, first: int, body: bytes) -> Any:
+        """Handle one packet of a client; say how the connection goes on (see _read_loop).
+
+        As amqtt's reader and message loop (the same plugin events, the same broker
+        methods), one packet at a time.
+        """
+        kind = first >> 4
+        if kind in (RESERVED_0, RESERVED_15):  # amqtt ends the connection
+            log.warning("client %s sent a reserved packet type; closing its connection",
+                        session.client_id)
+            return _CLOSE
+        fixed = MQTTFixedHeader(kind, first & 0x0F, len(body))
+        try:
+            packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+        except MQTTError:
+            log.debug("client %s: packet of type %d discarded", session.client_id, kind)
+            return None  # as amqtt (the packet's bytes are consumed all the same)
+        except NoDataError as exc:
+            raise _BadPacket(f"a packet of type {kind} shorter than it says") from exc
+        await self.plugins_manager.fire_event(
+            MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
+        if kind == PUBLISH:
+            return await self._publish(session, handler, packet)
+        if kind == PUBACK:
+            handler.acknowledged(packet.variable_header.packet_id)
+        elif kind == PINGREQ:
+            handler.pong()
+        elif kind == SUBSCRIBE:
+            await self._handle_subscription(session, handler, _Ready(
+                Subscription(packet.variable_header.packet_id, packet.payload.topics)))
+        elif kind == UNSUBSCRIBE:
+            await self._handle_unsubscription(session, handler, _Ready(
+                UnSubscription(packet.variable_header.packet_id, packet.payload.topics)))
+        elif kind == DISCONNECT:
+            handler.disconnect_packet = packet
+            return packet
+        elif kind == PUBREC:
+            handler.pubrec(packet.packet_id)
+        elif kind == PUBCOMP:
+            handler.acknowledged(packet.packet_id)
+        elif kind == PUBREL:
+            message = session.inflight_in.pop(packet.packet_id, None)
+            if message is not None and not await self._handle_message_delivery(
+                    session, handler, _Ready(message)):
+                return _PROTOCOL_ERROR
+            handler.qos2_completed(packet.packet_id)
+        elif kind == CONNECT:  # [MQTT-3.1.0-2]: a second CONNECT is a protocol violation
+            log.warning("client %s sent a second CONNECT; closing its connection",
+                        session.client_id)
+            return _CLOSE
+        # anything else a client has no business sending (CONNACK, SUBACK, ...): ignored,
+        # as amqtt does
+        return None
+
+    async def _publish(self, session: Any, handler: HubHandler, packet: Any) -> Any:
+        """A client's PUBLISH: amqtt's ``handle_publish`` and QoS flows, then delivery."""
+        header = packet.variable_header
+        if packet.topic_name is None or packet.data is None:
+            return None
+        qos = packet.qos
+        packet_id = header.packet_id if header is not None else None
+        message = IncomingApplicationMessage(
+            packet_id, packet.topic_name, qos, packet.data, packet.retain_flag)
+        message.publish_packet = packet
+        if qos == 0 and packet.dup_flag:
+            log.warning("client %s: [MQTT-3.3.1-2] a QoS 0 PUBLISH flagged DUP; ignored",
+                        session.client_id)
+            return None
+        if qos == 2 and packet_id is not None:  # handled at its PUBREL (amqtt's flow, no task)
+            session.inflight_in[packet_id] = message
+            handler.qos2_received(packet_id)
+            return None
+        if qos not in (0, 1):
+            raise _BadPacket("a PUBLISH with QoS 3 [MQTT-3.3.1-4]")
+        if not await self._handle_message_delivery(session, handler, _Ready(message)):
+            return _PROTOCOL_ERROR
+        return None
 
     async def _ended_without_disconnect(self, session: Any, handler: Any) -> None:
         """amqtt is done with a connection but left its session marked connected.
@@ -780,6 +914,7 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         handler = self._get_handler(session)
         if granted is None or not isinstance(handler, HubHandler):
             return
+        messages: list[Message] = []
         for topic in self._retained_messages.matching(topic_filter):
             retained = self._retained_messages.get(topic)
             if retained is None:
@@ -787,10 +922,9 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             if not await self._topic_filtering(session, topic, Action.RECEIVE):
                 continue
             qos = min(granted, retained.qos if retained.qos is not None else granted)
-            # at the pace the client reads: a subscriber to '#' gets every retained message
-            await handler.deliver_waiting(
-                Message(topic.encode(), bytes(retained.data), qos, retain=True)
-            )
+            messages.append(Message(topic.encode(), bytes(retained.data), qos, retain=True))
+        # at the pace the client reads: a subscriber to '#' gets every retained message
+        handler.deliver_retained(messages)
 
 
     def create_offline_session(self, client_id: str) -> tuple[Any, Any]:
@@ -1344,8 +1478,12 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
 
     amqtt reads a packet's remaining length and then the body in one read, whatever its size
     (MQTT allows 256 MB). Refusing the read and aborting the socket ends the connection the
-    way a dead network would: the will goes out and the session ends.
+    way a dead network would: the will goes out and the session ends. Only the CONNECT is
+    read through it; after that ``_HubBroker._read_loop`` reads :attr:`stream` in blocks and
+    applies the same limit to each packet's announced length.
     """
+
+    __slots__ = ("_closed", "_owner", "_reader", "_transport")  # no per-connection __dict__
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  owner: EmbeddedBroker) -> None:
@@ -1369,3 +1507,56 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
             raise asyncio.IncompleteReadError(b"", n)
         data: bytes = await super().read(n)
         return data
+
+    @property
+    def stream(self) -> asyncio.StreamReader:
+        reader: asyncio.StreamReader = self._reader
+        return reader
+
+
+class _Writer(StreamWriterAdapter):  # type: ignore[misc]
+    """amqtt's stream writer, its three fields in slots (no per-connection ``__dict__``)."""
+
+    __slots__ = ("_writer", "is_closed", "logger")
+
+
+class _Ready:
+    """A result already there, for amqtt methods that take a finished future (``.result()``)
+    where a real one would cost a future per message."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def result(self) -> Any:
+        return self._value
+
+
+class _BadPacket(Exception):
+    """A client's bytes are not MQTT any more: its connection ends (its will goes out)."""
+
+
+#: How _HubBroker._read_loop goes on after a packet: end the connection as lost (its will
+#: goes out), or leave it to _handle_client_session (amqtt's protocol-error path).
+_CLOSE: Final = object()
+_PROTOCOL_ERROR: Final = object()
+#: Bytes asked of a client's stream per read (what asyncio's StreamReader buffers at most).
+_READ_SIZE: Final = 64 * 1024
+
+
+def _packet_header(data: bytes, offset: int) -> tuple[int, int, int] | None:
+    """The MQTT fixed header at ``offset``: (first byte, where the body starts, its length),
+    or None if the header is not all there yet."""
+    end = len(data)
+    position = offset + 1
+    size = 0
+    for shift in (0, 7, 14, 21):
+        if position >= end:
+            return None
+        byte = data[position]
+        position += 1
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return data[offset], position, size
+    raise _BadPacket("a remaining length longer than four bytes")

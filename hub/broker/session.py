@@ -17,12 +17,20 @@ waited for bytes that never came: the client got no CONNACK at all. :func:`read_
 the whole packet first and answers any protocol but MQTT 3.1.1 (name ``MQTT``, level 4) with
 CONNACK 0x01 (unacceptable protocol version) at once, then closes. Mosquitto serves MQTT 5.
 
+The session object is also slimmed (issue 16): amqtt gives every session two ``asyncio.Queue``
+(each with three deques and an ``Event``: ~3.7 KB) and two ``OrderedDict``, and keeps its ~30
+fields in a ``__dict__``. Here the fields are slots, the two queues are :class:`LazyQueue` (a
+deque made on first use; nothing in the embedded broker waits on them) and the in-flight
+tables plain dicts: about 0.6 KB a session instead of ~6 KB.
+
 Read against amqtt 0.12.1, like the rest of this package (``AMQTT_VERSION`` in
 :mod:`hub.broker.embedded`).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +50,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from transitions import MachineError
 
-__all__ = ["HubSession", "SessionStates", "read_connect"]
+__all__ = ["HubSession", "LazyQueue", "SessionStates", "read_connect"]
 
 #: MQTT 3.1.1's protocol level; amqtt's broker speaks only this one.
 _PROTOCOL_LEVEL = 4
@@ -84,21 +92,123 @@ class SessionStates:
         return self.state == "disconnected"
 
 
+class LazyQueue:
+    """The part of ``asyncio.Queue`` amqtt calls on a session's two queues, over a deque made
+    on first use.
+
+    Why: amqtt's ``Session`` keeps a queue of messages for the connection's message loop and
+    one of messages kept while the client was away, each an ``asyncio.Queue`` of ~3.7 KB
+    whether it ever holds anything or not. The embedded broker uses neither (a client's
+    messages are handled as they are read, and what a session is owed lives in its outbox,
+    hub/broker/connection.py), so nothing ever waits on them: :meth:`get` does not block.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: deque[Any] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    async def get(self) -> Any:
+        return self.get_nowait()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+
+#: Every field amqtt 0.12.1's ``Session.__init__`` sets, plus the hub's own.
+_SESSION_FIELDS: tuple[str, ...] = (
+    "transitions", "remote_address", "remote_port", "client_id", "clean_session", "will_flag",
+    "will_message", "will_qos", "will_retain", "will_topic", "keep_alive",
+    "publish_retry_delay", "broker_uri", "username", "password", "cafile", "capath", "cadata",
+    "_packet_id", "parent", "last_connect_time", "ssl_object", "last_disconnect_time",
+    "attributes", "inflight_out", "inflight_in", "retained_messages",
+    "delivered_message_queue", "is_anonymous", "hub_outbox",
+)
+#: What a copy of a session does not take over (it gets its own).
+_NOT_COPIED: frozenset[str] = frozenset(
+    ("transitions", "retained_messages", "delivered_message_queue"))
+
+
 class HubSession(Session):  # type: ignore[misc]  # amqtt ships no type information
-    """An amqtt session whose state machine is a :class:`SessionStates`.
+    """An amqtt session whose state machine is a :class:`SessionStates`, in slots.
 
     ``hub_outbox`` holds what the broker owes the client (hub/broker/connection.py), made on
     the first message: most sessions of idle devices never need one.
     """
 
-    hub_outbox: Any = None
+    __slots__ = _SESSION_FIELDS
+
+    def __init__(self) -> None:
+        # amqtt's Session.__init__, field for field, but without its two asyncio queues and
+        # ordered dicts (see the module docstring); not called, as it would build them
+        self._init_states()
+        self.remote_address: str | None = None
+        self.remote_port: int | None = None
+        self.client_id: str | None = None
+        self.clean_session: bool | None = None
+        self.will_flag = False
+        self.will_message: bytes | bytearray | None = None
+        self.will_qos: int | None = None
+        self.will_retain: bool | None = None
+        self.will_topic: str | None = None
+        self.keep_alive: float = 0
+        self.publish_retry_delay = 0
+        self.broker_uri: str | None = None
+        self.username: str | None = None
+        self.password: str | None = None
+        self.cafile: str | None = None
+        self.capath: str | None = None
+        self.cadata: bytes | None = None
+        self._packet_id = 0
+        self.parent = 0
+        self.last_connect_time: int | None = None
+        self.ssl_object: Any = None
+        self.last_disconnect_time: int | None = None
+        self.attributes: dict[str, Any] = {}
+        self.inflight_out: dict[int, Any] = {}
+        #: client QoS 2 messages that got PUBREC and wait for their PUBREL
+        self.inflight_in: dict[int, Any] = {}
+        self.retained_messages = LazyQueue()
+        self.delivered_message_queue = LazyQueue()
+        self.is_anonymous = False
+        self.hub_outbox: Any = None
 
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # amqtt copies its __dict__, which holds nothing here: the fields are slots
+        state = {name: getattr(self, name) for name in _SESSION_FIELDS if name not in _NOT_COPIED}
+        state["state"] = self.transitions.state
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.transitions._session = self  # the copy's machine must point at the copy
+        state = dict(state)
+        self._init_states()  # the copy's machine must point at the copy
+        self.transitions.state = state.pop("state", "new")
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.retained_messages = LazyQueue()
+        self.delivered_message_queue = LazyQueue()
 
 
 async def read_connect(
