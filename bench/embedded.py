@@ -11,6 +11,10 @@ the first step above ``limit`` (or when connecting takes too long).
 "Settles" means the hub's answers to the births (its state publishes to both devices of each
 user) have stopped arriving; the wait is reported, and the CPU window starts after it.
 
+Every device is a socket in this process and one in the hub's, so both raise their soft
+open-file limit to the hard one first (the hub does at start); a step beyond what the limit
+leaves is cut down to it and the output says so (the search hit a 20,000 limit at 19k).
+
 What used to make it low (amqtt 0.12.1, issue #6): every published message was matched
 against every topic filter in turn and every SUBSCRIBE against every retained topic, so a
 heartbeat cost O(devices); hub/broker/embedded.py now indexes both (hub/broker/index.py).
@@ -27,8 +31,11 @@ from dataclasses import dataclass, field
 
 from bench import wire
 from bench.infra import BenchError, CpuMeter, HubProcess, free_port, rss_bytes
+from hub.process import raise_open_file_limit
 
 PERIOD_S = 30.0
+#: Files each process keeps besides the devices' sockets (listeners, logs, pipes, the store).
+FILES_SPARE = 100
 
 
 @dataclass
@@ -133,8 +140,24 @@ async def _settle(devices: list[_Device], quiet_s: float, limit_s: float) -> flo
     return time.monotonic() - began
 
 
+def _fit_steps(steps: tuple[int, ...], log: Callable[[str], None],
+               out: dict[str, float]) -> tuple[int, ...]:
+    """``steps``, the last ones cut down to what the open-file limit (raised first) allows."""
+    limits = raise_open_file_limit()
+    if limits is None:
+        return steps
+    most = limits[1] - FILES_SPARE
+    if max(steps) <= most:
+        return steps
+    log(f"  embedded: the open-file limit is {limits[1]:,} (the hard limit; only an "
+        f"administrator can raise it): at most {most:,} devices")
+    out["embedded_device_cap"] = float(most)
+    return tuple(dict.fromkeys(min(n, most) for n in steps))
+
+
 async def _scenario(p: EmbeddedParams, log: Callable[[str], None], hub_root: str | None,
                     out: dict[str, float]) -> None:
+    steps = _fit_steps(p.steps, log, out)
     port = free_port()
     hub = HubProcess(["--broker", "embedded", "--listen", f"127.0.0.1:{port}", "--storage", "memory"],
                      root=hub_root)
@@ -148,7 +171,7 @@ async def _scenario(p: EmbeddedParams, log: Callable[[str], None], hub_root: str
     try:
         await asyncio.sleep(1.0)
         idle_rss = rss_bytes(hub.pid)
-        for target in p.steps:
+        for target in steps:
             began = time.monotonic()
             sem = asyncio.Semaphore(p.parallel)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.core.errors import PresenceError
-from hub.process import tune_gc
+from hub.process import raise_open_file_limit, tune_gc
 from hub.protocol import format_duration_ms
 
 log = logging.getLogger("presence-hub")
@@ -218,6 +218,7 @@ class CounterReport:
 
 async def run_hub(settings: dict[str, Any], ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly."""
+    raise_open_file_limit()  # a socket per client: the default 1,024 would cap the broker
     from hub.auth import CredentialStore
     from hub.broker import BrokerError
     from hub.mqtt import broker_answers, parse_listen
