@@ -50,6 +50,7 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("embedded holds >= 10k devices", "embedded_max_devices", ">=", 10_000, ""),
     ("who page p99 <= 50 ms at 100k present", "who_page_p99_ms", "<=", 50.0, " ms"),
     ("who: loop never stalls > 20 ms", "who_loop_stall_max_ms", "<=", 20.0, " ms"),
+    ("who: ... held by its own work <= 20 ms", "who_loop_busy_max_ms", "<=", 20.0, " ms"),
 )
 
 
@@ -87,18 +88,17 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             engine=2_000, mode="smoke")
     elif args.quick:
         cfg = dict(
-            ingest=ingest.IngestParams(devices=6_000, sustain_s=3.0, bisect=2,
-                                       start_rate=20_000),
-            steady=[steady.SteadyParams(devices=100_000, ramp_s=30.0, window_s=8.0, kills=50)],
+            ingest=ingest.IngestParams(devices=6_000, sustain_s=3.0, bisect=1,
+                                       start_rate=40_000, bare_start_rate=20_000),
+            steady=[steady.SteadyParams(devices=100_000, ramp_s=30.0, window_s=6.0, kills=20)],
             storm=storm.StormParams(devices=10_000),
-            embedded=embedded.EmbeddedParams(steps=(1000, 4000, 10000),
-                                             window_s=6.0),
+            embedded=embedded.EmbeddedParams(steps=(4000, 10000), window_s=6.0),
             who=who.WhoParams(users=100_000),
             engine=20_000, mode="quick")
     else:
         cfg = dict(
             ingest=ingest.IngestParams(devices=20_000, sustain_s=30.0, bisect=3,
-                                       start_rate=20_000),
+                                       start_rate=40_000, bare_start_rate=20_000),
             steady=[steady.SteadyParams(devices=n, ramp_s=max(30.0, n / 5_000), window_s=30.0)
                     for n in (100_000, 1_000_000)],
             storm=storm.StormParams(devices=100_000),
@@ -292,9 +292,11 @@ def _table(f: dict[str, float], cfg: dict[str, Any], log: Callable[[str], None])
         f"{_fmt(f.get('who_scan_page_ms', math.nan))} ms")
     row("who: first page, builds the index (ms)", "who_first_page_ms", "once per hub run")
     row("who: loop's longest stall (ms)", "who_loop_stall_max_ms",
-        f"{_fmt(f.get('who_loop_stall_cpu_max_ms', math.nan))} ms of CPU in it; longest gc "
+        f"load average {_fmt(f.get('who_loadavg', math.nan))}; longest gc "
         f"{_fmt(f.get('who_gc_max_ms', math.nan))} ms; "
         f"{_fmt(f.get('who_churn_per_s', math.nan))} presence changes/s meanwhile")
+    row("who: loop held by its own work (ms)", "who_loop_busy_max_ms",
+        "CPU of the loop's thread between two ticks (the stall less the OS's share)")
     row("who: a page over MQTT, req -> reply (ms)", "who_e2e_ms",
         f"max {_fmt(f.get('who_e2e_max_ms', math.nan))} ms")
     log("-" * 96)

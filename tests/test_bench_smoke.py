@@ -31,7 +31,7 @@ def test_bench_smoke_run_reports_every_figure() -> None:
     assert figures["failed"] == [], proc.stdout[-3000:]
     assert proc.returncode == 0
     for key in ("ingest_ratio", "ingest_ratio_c", "ingest_hub_sustained", "ingest_bare_sustained",
-                "ingest_c_sustained", "who_page_p99_ms", "who_loop_stall_max_ms",
+                "ingest_c_sustained", "who_page_p99_ms", "who_loop_stall_max_ms", "who_loop_busy_max_ms",
                 "who_first_page_ms", "who_scan_page_ms", "who_e2e_ms", "steady_cpu",
                 "steady_rss_per_device_b", "will_p99_ms", "restart_ready_s",
                 "restart_republished_s", "storm_p99_s", "embedded_max_devices",
