@@ -313,7 +313,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         "_keepalive_task", "_loop", "_on_silent",
         "_outbox_of", "_pending_subscriptions", "_pending_unsubscriptions", "_puback_waiters",
         "_pubcomp_waiters", "_pubrec_waiters", "_pubrel_waiters", "_reader_ready",
-        "_reader_stopped", "_reader_task", "_retained", "_retained_task", "_room", "_stream",
+        "_reader_stopped", "_reader_task", "_retained", "_retained_task", "_room",
         "_transport", "_write_lock", "disconnect_packet", "dropping", "heard_at", "held",
         "hub_grant", "hub_will", "keepalive_timeout", "logger", "plugins_manager", "reader",
         "session", "waited_out", "writer",
@@ -358,7 +358,6 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         self._keepalive_s = 0.0
         self._on_silent: Callable[[HubHandler], None] | None = None
         self._transport: asyncio.WriteTransport | None = None
-        self._stream: asyncio.StreamWriter | None = None
         self._high_water = 64 * 1024
         self._drainer: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None
@@ -374,11 +373,8 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         self.session = session
         self.reader = reader
         self.writer = writer
-        stream = getattr(writer, "_writer", None)  # asyncio.StreamWriter inside amqtt's adapter
-        if isinstance(stream, asyncio.StreamWriter):
-            self._stream = stream
-            transport = stream.transport
-            assert isinstance(transport, asyncio.WriteTransport)
+        transport = getattr(writer, "transport", None)  # the broker's ClientConnection
+        if isinstance(transport, asyncio.WriteTransport):
             self._transport = transport
             self._high_water = transport.get_write_buffer_limits()[1]
 
@@ -535,10 +531,10 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
             self._room.set()
 
     async def _drain(self) -> None:
-        stream = self._stream
+        writer = self.writer
         try:
-            if stream is not None:
-                await stream.drain()  # returns once the socket's buffer is below its low mark
+            if writer is not None:
+                await writer.drain()  # returns once the socket's buffer is below its low mark
         except (ConnectionError, RuntimeError):
             return  # the connection ended while we waited
         finally:
@@ -611,8 +607,7 @@ def _ack(kind: int, packet_id: int) -> bytes:
 
 def _abort_transport(handler: HubHandler) -> None:
     """End ``handler``'s connection the way a dead network would (the read loop then ends)."""
-    stream = getattr(handler.writer, "_writer", None)
-    transport = getattr(stream, "transport", None)
+    transport = getattr(handler.writer, "transport", None)
     if transport is not None:
         transport.abort()
     elif handler.reader is not None:

@@ -7,9 +7,10 @@ round trip sits between them.
 
 Read against amqtt 0.12.1 (:data:`AMQTT_VERSION`), and only that: the broker below, the
 connection handler (hub/broker/connection.py) and the session and CONNECT reader
-(hub/broker/session.py) override 30 of amqtt's methods (18 of them private), redo one
-(``init_from_connect``) and replace two of its internal dicts, and another version may no
-longer call them, or call them with other arguments, without any error. pyproject.toml pins
+(hub/broker/session.py) override 28 of amqtt's methods (17 of them private), redo one
+(``init_from_connect``), replace two of its internal dicts and, with :class:`ClientConnection`,
+its per-connection streams, reader task and message loop, and another version may no longer
+call them, or call them with other arguments, without any error. pyproject.toml pins
 amqtt to exactly this version, and :meth:`EmbeddedBroker.start` refuses any other with one line
 saying so (:func:`check_amqtt_version`). Moving to a new amqtt means reading each override
 against its code again, then changing both.
@@ -91,10 +92,11 @@ Measured with ``python -m bench --only embedded``: 10k agent-like devices at ~8%
 (amqtt alone: 1,000 at 30%, 2,000 at 100%).
 
 Memory (issue 16): amqtt kept seven tasks, four ``asyncio.Queue`` and a keepalive task per read
-for every connection, ~44 KB per idle device. One task per connection now reads and handles
-its packets (``_HubBroker._read_loop``, replacing amqtt's reader task and message loop), one
-timer watches its keepalive, and handler, session and stream adapters keep their fields in
-slots (hub/broker/connection.py, hub/broker/session.py).
+for every connection, ~44 KB per idle device. A task per connection now handles
+its packets (``ClientConnection``, an asyncio protocol, in place of amqtt's streams, reader
+task and message loop), and only while it has any; one timer watches its keepalive, and
+handler and session keep their fields in slots (hub/broker/connection.py,
+hub/broker/session.py).
 
 Known and left alone (harmless for presence, documented here so nobody is surprised):
 
@@ -123,7 +125,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -288,9 +290,10 @@ def check_amqtt_version() -> None:
 
 
 def _abort_writer(writer: Any) -> bool:
-    """Abort the TCP transport under amqtt's writer adapter; False if there is none."""
-    stream = getattr(writer, "_writer", None)  # asyncio.StreamWriter inside amqtt's adapter
-    transport = getattr(stream, "transport", None)
+    """Abort the TCP transport under a connection's writer; False if there is none."""
+    transport = getattr(writer, "transport", None)  # a ClientConnection's
+    if transport is None:  # an asyncio.StreamWriter inside amqtt's adapter
+        transport = getattr(getattr(writer, "_writer", None), "transport", None)
     if transport is None:
         return False
     transport.abort()
@@ -374,12 +377,20 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
             else None
         )
 
-    async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
-        # As amqtt's, but reads go through a reader that refuses oversized packets.
-        await self._client_connected(
-            listener_name,
-            _LimitedReader(reader, writer, self._owner),
-            _Writer(writer),
+    async def _create_server_instance(
+        self, listener_name: str, listener_type: Any, address: str | None, port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        # amqtt serves TCP through asyncio streams: a StreamReader, StreamWriter and their
+        # protocol, and a task, per connection. Each connection here is one ClientConnection
+        # (a protocol, no task while the client is quiet); other listener types stay amqtt's.
+        if listener_type != "tcp":
+            return await super()._create_server_instance(
+                listener_name, listener_type, address, port, ssl_context)
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: ClientConnection(self, listener_name), address, port,
+            reuse_address=True, ssl=ssl_context,
         )
 
     @staticmethod
@@ -565,15 +576,21 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
     async def _handle_client_session(
         self, reader: Any, writer: Any, session: Any, handler: Any, *rest: Any
     ) -> None:
-        try:
-            await self._serve_client(reader, writer, session, handler)
-        finally:
-            current = self.sessions.get(session.client_id)
-            if current is not None and current[1] is handler and session.transitions.is_connected():
-                await self._ended_without_disconnect(session, handler)
+        # amqtt's path for its own listeners (websockets); only TCP is configured, and each
+        # TCP client is a ClientConnection, which calls _serve_client itself
+        await self._connection_over(session, handler)
+        raise AMQTTError("the embedded broker serves its own TCP listeners only")
 
-    async def _serve_client(self, reader: Any, writer: Any, session: Any, handler: Any) -> None:
-        """amqtt 0.12.1's ``_handle_client_session``, step for step, but one loop.
+    async def _connection_over(self, session: Any, handler: Any) -> None:
+        """What amqtt's ``_handle_client_session`` leaves behind, once a connection is over."""
+        current = self.sessions.get(session.client_id)
+        if current is not None and current[1] is handler and session.transitions.is_connected():
+            await self._ended_without_disconnect(session, handler)
+
+    async def _serve_client(self, reader: Any, writer: Any, session: Any, handler: Any) -> bool:
+        """amqtt 0.12.1's ``_handle_client_session`` up to the client's packets: True once
+        they may flow (ClientConnection hands each to :meth:`_packet`), False if the client
+        was refused.
 
         amqtt ends the connect by offering retained messages for every filter *anyone* holds
         (one call per filter, then filtered to the session's own in our override): O(all
@@ -599,7 +616,7 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         await handler.mqtt_connack_authorize(authenticated)
         if not authenticated:
             await writer.close()
-            return
+            return False
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
         )
@@ -611,88 +628,36 @@ class _HubBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informati
         handler.resume()
         for topic_filter in self._subscriptions.filters_of(session.client_id):
             await self._publish_retained_messages_for_subscription((topic_filter, 0), session)
-        await self._read_loop(session, handler)
-
-    async def _read_loop(self, session: Any, handler: HubHandler) -> None:
-        """amqtt 0.12.1's reader task and message loop for one client, as one loop in the
-        connection's own task (issue 16: seven tasks and ~44 KB an idle connection before).
-
-        amqtt read each packet byte by byte in a reader task, each read wrapped in a
-        keepalive ``wait_for`` (a task and a timer per read), made a task per packet, and
-        passed messages, subscriptions and the DISCONNECT through queues to a message loop of
-        four waiter tasks. Here the client's bytes are read in blocks, split into packets and
-        each handled in order, as MQTT has them handled: a PUBLISH read before the connection
-        ended is handled before the end (amqtt handled a DISCONNECT or end of stream first
-        and dropped PUBLISHes queued behind it: a clean ``offline`` sent with its DISCONNECT
-        was lost). Nothing here waits for the client: retained messages beyond its queue go
-        from a task of their own (HubHandler.deliver_retained), acknowledgements are written
-        to the socket's buffer.
-
-        Ends with the DISCONNECT (no will) or the end of the stream (the will goes out), or
-        returns at once on a PUBLISH amqtt treats as a protocol error (an empty topic), which
-        _handle_client_session ends.
-        """
-        stream = handler.reader.stream if isinstance(handler.reader, _LimitedReader) else None
-        if stream is None:  # not one of our TCP listeners: nothing else is configured
-            raise AMQTTError("the embedded broker reads TCP streams only")
-        limit = self._owner.max_packet_bytes
-        clock = asyncio.get_running_loop().time
-        pending = b""
-        ending: DisconnectPacket | None = None
-        try:
-            while ending is None:
-                data = await stream.read(_READ_SIZE)
-                if not data:
-                    break
-                handler.heard_at = clock()
-                pending = pending + data if pending else data
-                offset, end = 0, len(pending)
-                while offset < end:
-                    header = _packet_header(pending, offset)
-                    if header is None:
-                        break  # the rest of the header has not come yet
-                    first, start, size = header
-                    if size > limit:
-                        self._too_large(handler, size, limit)
-                        return await self._end(session, handler, None)
-                    if start + size > end:
-                        break  # the rest of the packet has not come yet
-                    offset = start + size
-                    outcome = await self._packet(session, handler, first, pending[start:offset])
-                    if outcome is _PROTOCOL_ERROR:
-                        return None
-                    if outcome is _CLOSE:
-                        return await self._end(session, handler, None)
-                    if isinstance(outcome, DisconnectPacket):
-                        ending = outcome
-                        break
-                pending = pending[offset:]
-        except _BadPacket as exc:
-            log.info("client %s sent %s; closing its connection", session.client_id, exc)
-        except (ConnectionError, OSError):
-            pass  # the connection is gone: as an end of stream
-        except AMQTTError as exc:
-            log.warning("closing the connection of client %s: %r", session.client_id, exc)
-        await self._end(session, handler, ending)
+        return True
 
     async def _end(self, session: Any, handler: HubHandler,
                    disconnect: DisconnectPacket | None) -> None:
         await self._handle_disconnect(session, handler, _Ready(disconnect))
 
-    def _too_large(self, handler: HubHandler, size: int, limit: int) -> None:
-        transport = handler._transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
+    def _too_large(self, transport: Any, size: int, limit: int) -> None:
+        """A client announced a packet over ``max_packet_bytes``: abort its connection (amqtt
+        would read any size MQTT allows, 256 MB, into memory); its will goes out."""
         self._owner.policy.note(
             "too_large", "closing the connection from %s: a %d-byte packet is over the "
-            "%d-byte limit", peer, size, limit,
+            "%d-byte limit", transport.get_extra_info("peername"), size, limit,
         )
-        _abort(handler)
+        transport.abort()
 
     async def _packet(self, session: Any, handler: HubHandler, first: int, body: bytes) -> Any:
-        """Handle one packet of a client; say how the connection goes on (see _read_loop).
+        """Handle one packet of a client; say how the connection goes on: None (it does),
+        the DISCONNECT packet, ``_CLOSE`` (as lost: its will goes out) or
+        ``_PROTOCOL_ERROR`` (amqtt's path for an invalid PUBLISH, in :meth:`_connection_over`).
 
-        As amqtt's reader and message loop (the same plugin events, the same broker
-        methods), one packet at a time.
+        amqtt read each packet byte by byte in a reader task, each read wrapped in a
+        keepalive ``wait_for`` (a task and a timer per read), made a task per packet, and
+        passed messages, subscriptions and the DISCONNECT through queues to a message loop of
+        four waiter tasks. Here ClientConnection hands over each packet as it was read, in
+        order, as MQTT has them handled: a PUBLISH read before the connection ended is handled
+        before the end (amqtt handled a DISCONNECT or end of stream first and dropped
+        PUBLISHes queued behind it: a clean ``offline`` sent with its DISCONNECT was lost).
+        The same plugin events and broker methods as amqtt's; nothing here waits for the
+        client (retained messages beyond its queue go from a task of their own,
+        HubHandler.deliver_retained, and acknowledgements to the socket's buffer).
         """
         kind = first >> 4
         if kind in (RESERVED_0, RESERVED_15):  # amqtt ends the connection
@@ -1473,51 +1438,307 @@ async def _send_connack(writer: Any, code: int) -> None:
         log.debug("could not send CONNACK %d", code, exc_info=True)
 
 
-class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
-    """amqtt's stream reader, refusing any single read (a packet's body) above the limit.
+class ClientConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):  # type: ignore[misc]
+    """One client's TCP (or TLS) connection: the socket's protocol, and the reader and writer
+    amqtt's CONNECT handling and protocol handler expect.
 
-    amqtt reads a packet's remaining length and then the body in one read, whatever its size
-    (MQTT allows 256 MB). Refusing the read and aborting the socket ends the connection the
-    way a dead network would: the will goes out and the session ends. Only the CONNECT is
-    read through it; after that ``_HubBroker._read_loop`` reads :attr:`stream` in blocks and
-    applies the same limit to each packet's announced length.
+    Why not amqtt's asyncio streams: a StreamReader, a StreamWriter, their protocol (with a
+    deque of drain waiters each) and a task blocked in a read, kept for every idle device,
+    were most of what a connection cost once the broker's queues and tasks were gone (issue
+    16). Here the bytes arrive in :meth:`data_received` and are split into packets at once;
+    a task handles them (:meth:`_work`, the broker's ``_packet`` one at a time, in order) only
+    while there are any, so a quiet client costs this object, its socket and its session.
+
+    Life: :meth:`_open` (a task) reads the CONNECT through :meth:`read` and runs amqtt's
+    session set-up (``_initialize_client_session``, ``_serve_client``), then packets flow;
+    the DISCONNECT, the end of the stream or a protocol error end it (:meth:`_finish`). The
+    size limit (``max_packet_bytes``) applies to every packet's announced length, the
+    CONNECT's included: beyond it the socket is aborted and the will goes out.
     """
 
-    __slots__ = ("_closed", "_owner", "_reader", "_transport")  # no per-connection __dict__
+    __slots__ = (
+        "_broker", "_buffer", "_drained", "_eof", "_listener", "_over", "_packets",
+        "_queued_bytes", "_read_paused", "_reading", "_running", "_server", "_worker",
+        "_write_paused",
+        "handler", "is_closed", "session", "transport",
+    )
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 owner: EmbeddedBroker) -> None:
-        super().__init__(reader)
-        self._transport = writer.transport
-        self._owner = owner
-        self._closed = False
+    def __init__(self, broker: _HubBroker, listener: str) -> None:
+        self._broker = broker
+        self._listener = listener
+        self.transport: Any = None
+        self.handler: Any = None
+        self.session: Any = None
+        #: bytes read and not yet split into packets (or, before CONNECT is done, not read)
+        self._buffer = b""
+        #: (first byte, body) of packets read and not yet handled; None when there are none
+        self._packets: deque[tuple[int, bytes]] | None = None
+        self._queued_bytes = 0
+        #: the task opening the connection or handling its packets, while there is one
+        self._worker: asyncio.Task[None] | None = None
+        self._reading: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._server: Any = None
+        self._running = False  # CONNECT done: packets go to the broker
+        self._over = False  # the connection's end is handled: nothing more is read
+        self._eof = False
+        self._read_paused = False
+        self._write_paused = False
+        self.is_closed = False
 
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self._broker._owner._stopping:  # accepted just as the broker began to stop
+            self.transport.abort()
+            return
+        self._worker = asyncio.get_running_loop().create_task(self._open())
+
+    def data_received(self, data: bytes) -> None:
+        if self._over:
+            return
+        self._buffer = self._buffer + data if self._buffer else data
+        if self._running:
+            self.handler.heard_at = self.handler._loop.time()
+            self._split()
+            return
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.set_result(None)
+        if len(self._buffer) > self._broker._owner.max_packet_bytes + _READ_SIZE:
+            self._pause_reading()  # a client that floods before its CONNACK: wait for it
+
+    def eof_received(self) -> bool | None:
+        self._stream_ended()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stream_ended()
+        self._write_paused = False
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _stream_ended(self) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.set_result(None)
+        if self._running and self._worker is None and not self._over:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self.transport.is_closing():
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # -- packets ----------------------------------------------------------------------------------
+    def _split(self) -> None:
+        """Move every whole packet from the buffer to the queue; start a task to handle them."""
+        data = self._buffer
+        offset, end = 0, len(data)
+        limit = self._broker._owner.max_packet_bytes
+        packets = self._packets
+        try:
+            while offset < end:
+                header = _packet_header(data, offset)
+                if header is None:
+                    break  # the rest of the header has not come yet
+                first, start, size = header
+                if size > limit:
+                    self._broker._too_large(self.transport, size, limit)
+                    data, offset = b"", 0  # packets before it are still handled
+                    break
+                if start + size > end:
+                    break  # the rest of the packet has not come yet
+                if packets is None:
+                    packets = self._packets = deque()
+                packets.append((first, data[start:start + size]))
+                self._queued_bytes += size
+                offset = start + size
+        except _BadPacket as exc:
+            log.info("client %s sent %s; closing its connection", self.session.client_id, exc)
+            self.transport.abort()
+            data, offset = b"", 0
+        self._buffer = data[offset:] if offset else data
+        if packets:
+            if self._worker is None:
+                self._worker = asyncio.get_running_loop().create_task(self._work())
+            if len(packets) >= _PAUSE_AT or self._queued_bytes >= _PAUSE_AT_BYTES:
+                self._pause_reading()  # the client sends faster than the broker handles
+
+    async def _work(self) -> None:
+        """Handle the packets read so far, in order; end the connection when they end it."""
+        broker, session, handler = self._broker, self.session, self.handler
+        outcome: Any = None
+        try:
+            while True:
+                packets = self._packets
+                if not packets:
+                    if self._eof:
+                        break  # the end of the stream, after every packet read before it
+                    self._packets = None
+                    self._worker = None
+                    return
+                first, body = packets.popleft()
+                self._queued_bytes -= len(body)
+                if self._read_paused and len(packets) <= _PAUSE_AT // 4 and (
+                        self._queued_bytes <= _PAUSE_AT_BYTES // 4):
+                    self._resume_reading()
+                outcome = await broker._packet(session, handler, first, body)
+                if outcome is not None:
+                    break
+        except _BadPacket as exc:
+            log.info("client %s sent %s; closing its connection", session.client_id, exc)
+            outcome = _CLOSE
+        except (ConnectionError, OSError):
+            outcome = _CLOSE  # the connection is gone: as an end of stream
+        except Exception:  # amqtt's reader too ends the connection (will and all) on anything
+            log.exception("handling a packet of client %s failed; closing its connection",
+                          session.client_id)
+            outcome = _CLOSE
+        await self._finish(outcome)
+
+    async def _open(self) -> None:
+        """amqtt's ``_client_connected``: the CONNECT, the session, then the packets."""
+        broker = self._broker
+        server = broker._servers.get(self._listener)
+        if server is None:
+            self.transport.abort()
+            return
+        await server.acquire_connection()
+        self._server = server
+        peer = self.get_peer_info()
+        if peer is None:
+            _amqtt_log.warning("Remote info could not be retrieved from peer info")
+            self._over = True
+            self.transport.abort()
+            self._release()
+            return
+        try:
+            handler, session = await broker._initialize_client_session(self, self, *peer)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            _amqtt_log.warning("Failed to initialize client session: %s", exc)
+            self._over = True
+            self._release()
+            return
+        self.handler, self.session = handler, session
+        try:
+            running = await broker._serve_client(self, self, session, handler)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            _amqtt_log.warning("Error while handling client session: %s", exc)
+            running = False
+        except BaseException:
+            await self._finish(_PROTOCOL_ERROR)
+            raise
+        if not running:  # refused: no packets of it are handled
+            await self._finish(_PROTOCOL_ERROR)
+            return
+        self._running = True
+        self.handler.heard_at = self.handler._loop.time()
+        self._split()  # what came after the CONNECT (this task handles it)
+        await self._work()
+
+    async def _finish(self, outcome: Any) -> None:
+        """The connection's end: the DISCONNECT (no will), a protocol error (amqtt's path in
+        ``_connection_over``), anything else as a lost connection (the will goes out)."""
+        self._over = True
+        self._packets = None
+        self._queued_bytes = 0
+        broker, session, handler = self._broker, self.session, self.handler
+        try:
+            if session is not None and handler is not None:
+                if isinstance(outcome, DisconnectPacket):
+                    await broker._end(session, handler, outcome)
+                elif outcome is not _PROTOCOL_ERROR:
+                    await broker._end(session, handler, None)
+                await broker._connection_over(session, handler)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            _amqtt_log.warning("Error while handling client session: %s", exc)
+        finally:
+            self._worker = None
+            self._release()
+
+    def _release(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.release_connection()
+
+    # -- amqtt's ReaderAdapter: the CONNECT ------------------------------------------------------
     async def read(self, n: int = -1) -> bytes:
-        if self._closed:  # what is still buffered must not be parsed as packets
-            raise asyncio.IncompleteReadError(b"", n)
-        limit = self._owner.max_packet_bytes
+        if n < 0:
+            raise ValueError("the broker reads packets of a known length only")
+        limit = self._broker._owner.max_packet_bytes
         if n > limit:
-            self._closed = True
-            peer = self._transport.get_extra_info("peername")
-            self._owner.policy.note(
-                "too_large", "closing the connection from %s: a %d-byte packet is over the "
-                "%d-byte limit", peer, n, limit,
-            )
-            self._transport.abort()
+            self._broker._too_large(self.transport, n, limit)
             raise asyncio.IncompleteReadError(b"", n)
-        data: bytes = await super().read(n)
+        while len(self._buffer) < n:
+            if self._eof:
+                raise asyncio.IncompleteReadError(self._buffer, n)
+            self._resume_reading()
+            self._reading = asyncio.get_running_loop().create_future()
+            try:
+                await self._reading
+            finally:
+                self._reading = None
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
         return data
 
-    @property
-    def stream(self) -> asyncio.StreamReader:
-        reader: asyncio.StreamReader = self._reader
-        return reader
+    def feed_eof(self) -> None:
+        self._stream_ended()
 
+    # -- amqtt's WriterAdapter --------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.is_closed and not self.transport.is_closing():
+            self.transport.write(data)
 
-class _Writer(StreamWriterAdapter):  # type: ignore[misc]
-    """amqtt's stream writer, its three fields in slots (no per-connection ``__dict__``)."""
+    async def drain(self) -> None:
+        """Return once the socket's buffer is below its low mark (or the connection is gone)."""
+        while self._write_paused and not self._eof:
+            drained = self._drained
+            if drained is None or drained.done():
+                drained = self._drained = asyncio.get_running_loop().create_future()
+            await drained
+        self._drained = None
 
-    __slots__ = ("_writer", "is_closed", "logger")
+    def get_peer_info(self) -> tuple[str, int] | None:
+        peer = self.transport.get_extra_info("peername")
+        if not peer or len(peer) < 2:
+            return None
+        return peer[0], peer[1]
+
+    def get_ssl_info(self) -> Any:
+        return self.transport.get_extra_info("ssl_object")
+
+    async def close(self) -> None:
+        # as amqtt's stream writer: what is buffered goes first, then FIN, then the socket
+        if self.is_closed:
+            return
+        self.is_closed = True
+        await self.drain()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.close()
 
 
 class _Ready:
@@ -1537,12 +1758,18 @@ class _BadPacket(Exception):
     """A client's bytes are not MQTT any more: its connection ends (its will goes out)."""
 
 
-#: How _HubBroker._read_loop goes on after a packet: end the connection as lost (its will
-#: goes out), or leave it to _handle_client_session (amqtt's protocol-error path).
+#: How a connection goes on after a packet (_HubBroker._packet): end it as lost (its will goes
+#: out), or leave it to _connection_over (amqtt's protocol-error path: an invalid PUBLISH).
 _CLOSE: Final = object()
 _PROTOCOL_ERROR: Final = object()
-#: Bytes asked of a client's stream per read (what asyncio's StreamReader buffers at most).
+#: What a client may send before its CONNACK beyond the largest packet, before reading pauses.
 _READ_SIZE: Final = 64 * 1024
+#: Packets (or bytes of them) read and not yet handled at which a connection stops reading
+#: until it has handled three quarters of them (asyncio's streams paused at 128 KB).
+_PAUSE_AT: Final = 1000
+_PAUSE_AT_BYTES: Final = 256 * 1024
+
+_amqtt_log = logging.getLogger("amqtt.broker")  # amqtt's own lines, filtered as amqtt's are
 
 
 def _packet_header(data: bytes, offset: int) -> tuple[int, int, int] | None:
