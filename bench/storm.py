@@ -20,6 +20,14 @@ time), else the storm would queue behind the republish and measure that.
 ``restart_peak_rss_mb`` is the hub's peak resident memory (``VmHWM``) once everything is
 republished: loading a large file costs memory as well as time.
 
+Warm restart (``restart_warm_*``): the usual restart, the hub's alone. On the broker of the
+restart above, the hub is stopped cleanly and started again on the file it left; the broker
+kept its session and every retained topic, which the hub checks against the digest its last
+run left on ``P/hub/retained`` and then republishes nothing. ``restart_warm_ready_s`` is spawn
+to banner, ``restart_warm_consistent_s`` spawn to the hub's log saying that the broker holds
+every user's state (or that it republished them all), ``restart_warm_republished`` 1 if it
+republished after all (0 is the expected figure).
+
 ``python -m bench.storm --devices N --restart-only --repeat 2`` times the restart alone, which
 is what tuning the load path needs (``--db FILE`` keeps the generated file between runs: a
 1M-device file takes most of a minute to write).
@@ -86,6 +94,29 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+KEPT_LINE = "nothing to republish"
+REPUBLISHED_LINE = "republished the retained state of"
+
+
+def _warm_restart(args: list[str], hub_root: str | None) -> dict[str, float]:
+    """The hub started again on the broker its last run stopped cleanly on (see the module
+    docstring); its info log says when the broker's state is known to be right."""
+    with HubProcess(args, root=hub_root, log_level="info") as hub:
+        def decided() -> bool:
+            if not hub.alive():
+                raise BenchError("hub died while restarting")
+            return any(KEPT_LINE in line or REPUBLISHED_LINE in line for line in hub.lines)
+
+        wait_until(decided, 1800, "the restarted hub to take or republish the state", 0.005)
+        consistent = time.time()
+        return {
+            "warm_ready_s": hub.ready_at - hub.started_at,  # type: ignore[operator]
+            "warm_consistent_s": consistent - hub.started_at,
+            "warm_republished": float(not any(KEPT_LINE in line for line in hub.lines)),
+            "warm_peak_rss_mb": peak_rss_mb(hub.pid),
+        }
+
+
 def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None],
              hub_root: str | None, storm: bool) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -94,22 +125,26 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
         hb_ms = int(heartbeat_s * 1000)
         args = ["--broker", mosq.url, "--storage", "tinydb", "--db", str(db),
                 "--heartbeat-interval", f"{hb_ms}ms"]
+        if not storm:
+            with HubProcess(args, root=hub_root) as hub:
+                wait_until(lambda: _all_states(obs, users, hub), 1800,
+                           "all retained state republished", 0.05)
+                last = max(t for topic, (t, _) in obs.snapshot().items()
+                           if topic.endswith("/state"))
+                out["republished_s"] = last - hub.started_at
+                out["ready_s"] = hub.ready_at - hub.started_at  # type: ignore[operator]
+                out["peak_rss_mb"] = peak_rss_mb(hub.pid)
+            # stopped cleanly: the broker keeps every retained topic and the hub's digest
+            out.update(_warm_restart(args, hub_root))
+            return out
         with HubProcess(args, root=hub_root) as hub:
             out["ready_s"] = hub.ready_at - hub.started_at  # type: ignore[operator]
-            state_prefix = "presence/users/"
 
-            def republished() -> bool:
-                if not hub.alive():
-                    raise BenchError("hub died while republishing")
-                n = sum(1 for t in obs.snapshot() if t.startswith(state_prefix) and t.endswith("/state"))
-                return n >= users
-
-            wait_until(republished, 1800, "all retained state republished", 0.05)
+            wait_until(lambda: _all_states(obs, users, hub), 1800,
+                       "all retained state republished", 0.05)
             last = max(t for topic, (t, _) in obs.snapshot().items() if topic.endswith("/state"))
             out["republished_s"] = last - hub.started_at
             out["peak_rss_mb"] = peak_rss_mb(hub.pid)
-            if not storm:
-                return out
             timeout_ms = hb_ms * 5 // 2
 
             def all_offline() -> bool:
@@ -146,6 +181,13 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
     return out
 
 
+def _all_states(obs: Observer, users: int, hub: HubProcess) -> bool:
+    if not hub.alive():
+        raise BenchError("hub died while republishing")
+    n = sum(1 for t in obs.snapshot() if t.startswith("presence/users/") and t.endswith("/state"))
+    return n >= users
+
+
 def run(p: StormParams, log: Callable[[str], None], hub_root: str | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-tinydb-") as tmp:
         db = Path(tmp) / "presence.json"
@@ -168,6 +210,12 @@ def run_on(db: Path, p: StormParams, log: Callable[[str], None],
     out["restart_peak_rss_mb"] = r["peak_rss_mb"]
     log(f"  restart: ready after {r['ready_s']:.2f}s, all retained state after "
         f"{r['republished_s']:.2f}s, hub peak RSS {r['peak_rss_mb']:.0f} MB")
+    for k in ("ready_s", "consistent_s", "republished", "peak_rss_mb"):
+        out[f"restart_warm_{k}"] = r[f"warm_{k}"]
+    log(f"  warm restart (the broker kept everything): ready after {r['warm_ready_s']:.2f}s, "
+        f"consistent after {r['warm_consistent_s']:.2f}s "
+        f"({'REPUBLISHED' if r['warm_republished'] else 'nothing republished'}), "
+        f"hub peak RSS {r['warm_peak_rss_mb']:.0f} MB")
     if p.restart_only:
         return out
     # storm: the deadline must come after the start-up republish

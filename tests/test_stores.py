@@ -426,8 +426,7 @@ async def test_tinydb_file_always_matches_the_database_in_memory(tmp_path: Path)
         return json.loads(path.read_bytes())
 
     def in_memory() -> Any:
-        assert store._storage is not None
-        return json.loads(json.dumps(store._storage.read()))
+        return json.loads(json.dumps(store.read()))
 
     try:
         await store.save_users([user(f"u{i}", device("phone")) for i in range(20)])

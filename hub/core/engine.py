@@ -81,8 +81,9 @@ from __future__ import annotations
 import heapq
 import logging
 import sys
+import zlib
 from collections import Counter
-from collections.abc import Iterable, MutableSet, Sequence
+from collections.abc import Iterable, Iterator, MutableSet, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -111,7 +112,6 @@ from hub.core.events import (
 from hub.core.models import (
     Activity,
     DeviceInfo,
-    DeviceRecord,
     OnlineUser,
     SyncStatus,
     UserRecord,
@@ -191,6 +191,26 @@ _FOREVER: Final = 1 << 62
 #: to change this many times within one flush for a crash to reuse a version (the per-device
 #: rate limit allows a few dozen a second)
 VERSION_RESERVE: Final = 1_000
+
+
+#: digests of (user, version) pairs are sums of :func:`digest_term` modulo 2**64
+DIGEST_MASK: Final = (1 << 64) - 1
+
+
+def digest_term(user_id: str, version: int) -> int:
+    """One user's share of an order-free digest of (user, version) pairs, which the hub
+    leaves on the broker at a clean stop and compares with the store's at the next start.
+
+    Two checksums of ``user\0version`` side by side: stable across processes (``hash`` is
+    not), and one C call each, so a million users' digest costs a fraction of a second. It
+    guards against accidents (a broker that lost or kept older state), not against forgery:
+    any client the broker lets write ``P/hub/retained`` could set the user topics too.
+    """
+    key = b"%s\0%d" % (user_id.encode(), version)
+    return (zlib.crc32(key) << 32) | zlib.adler32(key)
+
+
+_validate_record: Final = UserRecord.model_validate
 
 
 class EngineError(ValueError):
@@ -337,6 +357,15 @@ class Engine:
         self._wall = 0
         self._late_logged_at: int | None = None
         self._late_unlogged = 0
+        #: what :meth:`load` found, for the MQTT side's decision whether the broker still
+        #: holds what the last run published: that run crashed (versions moved on) ...
+        self.crashed_at_load = False
+        #: ... and the users whose state the load itself changed (published at start anyway)
+        self.changed_at_load: set[str] = set()
+        #: how many users the store gave, and the digest of their (user, version) pairs as
+        #: stored (:func:`digest_term`), before the load changed anything
+        self.loaded_users = 0
+        self.loaded_digest = 0
 
     def set_wall_offset(self, offset_ms: int) -> None:
         """Tell the engine the wall clock's lead over ``now`` (steps when NTP steps it)."""
@@ -1136,6 +1165,12 @@ class Engine:
     def user_ids(self) -> list[str]:
         return list(self._users)
 
+    def published_fields(self) -> Iterator[tuple[str, Status, str | None, str | None, int]]:
+        """(user id, status, custom status, primary, version) of every user: what the retained
+        topics hold once published, without building a state payload per user."""
+        for u in self._users.values():
+            yield u.id, u.status, u.custom_status, u.active_device, u.version
+
     def device_count(self) -> int:
         return sum(len(u.devices) for u in self._users.values())
 
@@ -1300,44 +1335,45 @@ class Engine:
             self._dirty.discard(user_id)
 
     def _record(self, u: _User) -> UserRecord:
-        """The user as a store record. Built with ``model_construct`` (no validation): the
-        engine's state is valid by construction, and validating every dirty user was a third
-        of the loop's work after a storm (profiled: 20k records per flush). Times are stored
-        as wall-clock epoch ms (the monotonic ``now`` starts anew with every process)."""
+        """The user as a store record, validated from plain dicts in one call: pydantic's
+        Rust validator builds the nested records about twice as fast as ``model_construct``
+        (pure Python, one call per device) did, measured 0.85 s against 2.0 s for the 50k
+        users of a 100k-device storm, which the flush after it builds at once. Times are
+        stored as wall-clock epoch ms (the monotonic ``now`` starts anew with every
+        process)."""
         wall = self._wall
+        devices = []
         for d in u.devices.values():
             d.saved_li = d.last_interaction
-        return UserRecord.model_construct(
-            id=u.id,
-            name=u.name,
-            status=u.status,
-            manual_status=u.manual_status,
-            custom_status=u.custom_status,
-            active_device=u.active_device,
-            version=u.version,
-            version_reserved=u.reserved,
-            last_sync=u.last_sync,
-            channels={c: t + wall for c, t in u.channels.items()} if u.channels else {},
-            devices=[
-                DeviceRecord.model_construct(
-                    id=d.id,
-                    name=d.name,
-                    virtual=d.virtual,
-                    session=d.session,
-                    connected=d.connected,
-                    ended=d.ended,
-                    status=d.status,
-                    last_seen=None if d.last_seen is None else d.last_seen + wall,
-                    last_interaction=(None if d.last_interaction is None
-                                      else d.last_interaction + wall),
-                    acked_version=d.acked_version,
-                    timeout_ms=d.timeout,
-                    sleep_until=None if d.sleep_until is None else d.sleep_until + wall,
-                    born_ts=d.born_ts,
-                )
-                for d in u.devices.values()
-            ],
-        )
+            devices.append({
+                "id": d.id,
+                "name": d.name,
+                "virtual": d.virtual,
+                "session": d.session,
+                "connected": d.connected,
+                "ended": d.ended,
+                "status": d.status,
+                "last_seen": None if d.last_seen is None else d.last_seen + wall,
+                "last_interaction": (None if d.last_interaction is None
+                                     else d.last_interaction + wall),
+                "acked_version": d.acked_version,
+                "timeout_ms": d.timeout,
+                "sleep_until": None if d.sleep_until is None else d.sleep_until + wall,
+                "born_ts": d.born_ts,
+            })
+        return _validate_record({
+            "id": u.id,
+            "name": u.name,
+            "status": u.status,
+            "manual_status": u.manual_status,
+            "custom_status": u.custom_status,
+            "active_device": u.active_device,
+            "version": u.version,
+            "version_reserved": u.reserved,
+            "last_sync": u.last_sync,
+            "channels": {c: t + wall for c, t in u.channels.items()} if u.channels else {},
+            "devices": devices,
+        })
 
     def load(self, records: Iterable[UserRecord], now: int,
              crashed: bool = False) -> Sequence[Effect]:
@@ -1361,10 +1397,13 @@ class Engine:
         loaded: dict[str, _User] = {}
         bumped: list[str] = []
         wall = self._wall
+        intern = sys.intern
+        digest = self.loaded_digest
         for rec in records:
             if rec.removed:  # a tombstone: only its version matters
                 self._tombstones[rec.id] = max(rec.version, rec.version_reserved)
                 continue
+            digest += digest_term(rec.id, rec.version)
             old = self._users.get(rec.id)
             if old is not None:  # loading over live state: the old devices' heap entries die
                 for d in old.devices.values():
@@ -1384,7 +1423,9 @@ class Engine:
             u.channels = ({c: t - wall for c, t in rec.channels.items()} if rec.channels
                           else _NO_CHANNELS)
             for dr in rec.devices:
-                d = _Device(u, dr.id, dr.name, dr.virtual)
+                # interned, as _device_for does: ids and names repeat across users (a store
+                # that parses with json.loads makes a new string for each)
+                d = _Device(u, intern(dr.id), intern(dr.name), dr.virtual)
                 d.session = dr.session
                 d.connected = dr.connected and not dr.virtual
                 d.ended = dr.ended
@@ -1409,6 +1450,8 @@ class Engine:
                 self._present.discard(u.id)
             self._users[u.id] = u
             loaded[u.id] = u
+        self.loaded_digest = digest & DIGEST_MASK
+        self.loaded_users += len(loaded)
         self._dirty.difference_update(loaded)  # the store holds exactly what was just read
         self._dirty.update(bumped)  # ... except the versions a crash moved up
         refresh_device = self._refresh_device
@@ -1422,7 +1465,10 @@ class Engine:
             if changed or u.status != self._user_status(u) or (
                     u.active_device is not None and u.active_device not in u.devices):
                 self._refresh_user(u, now)
-        return self._drain()
+        effects = self._drain()
+        self.crashed_at_load = self.crashed_at_load or crashed
+        self.changed_at_load.update(e.user_id for e in effects if type(e) is PublishState)
+        return effects
 
 
 _HANDLERS: Final[dict[type, Any]] = {

@@ -145,6 +145,8 @@ class ExternalTransport:
         self._unacked: list[tuple[int, int, int]] = []
         self._acking: list[tuple[int, int, int]] = []
         self._first_connect = True
+        #: the retained ``P/hub/retained`` as read at start (None: none, or not read)
+        self._broker_digest: bytes | None = None
         self.connected = asyncio.Event()
         self.ingested = 0
         context: ssl.SSLContext | None = None
@@ -198,6 +200,8 @@ class ExternalTransport:
         checked = self.leased or await self._check_until(deadline)
         if not checked:
             self.client.before_connect = self._gate
+        elif not self.leased:
+            self._broker_digest = await self._read_digest()
         log.info("connecting to MQTT broker %s as %s", self.url, self.client.client_id)
         await self.client.start()
         await self.live.start()
@@ -267,6 +271,26 @@ class ExternalTransport:
                 f"clear its status by hand and start again: mosquitto_pub -h {self.url.host} "
                 f"-p {self.url.port}{login}{tls} -r -t {topic} -m offline")
 
+    @property
+    def digest_topic(self) -> str:
+        """``P/hub/retained``: what the broker held of the hub's retained state when it last
+        stopped cleanly (see :meth:`MqttHub.retained_digest`)."""
+        return f"{self.hub.topics.prefix}/hub/retained"
+
+    async def _read_digest(self) -> bytes | None:
+        """The retained digest the last run left, before this hub publishes anything; None
+        when there is none or it cannot be read (then everything is republished)."""
+        try:
+            return await read_retained(
+                self.url.host, self.url.port, self.digest_topic,
+                client_id=f"{self._client_id}/probe-{secrets.token_hex(4)}",
+                username=self.url.username, password=self.url.password, ssl_context=self._ssl,
+                timeout=PROBE_TIMEOUT_S) or None
+        except (OSError, TimeoutError, ssl.SSLError, ProtocolError, BrokerRefused) as exc:
+            log.info("could not read %s (%s): republishing every user's retained state",
+                     self.digest_topic, exc or type(exc).__name__)
+            return None
+
     async def _gate(self) -> str | None:
         """The client's ``before_connect`` when start() could not ask: None to connect, else
         why not yet (another hub is active: wait for it to go; the login was refused)."""
@@ -296,6 +320,8 @@ class ExternalTransport:
             return
         # persist and ack what we have before leaving, so nothing is redelivered needlessly
         await self.hub.service.flush()
+        # after every user topic on this connection: if the broker has it, it has them
+        self.client.publish(self.digest_topic, self.hub.retained_digest(), qos=1, retain=True)
         self.client.publish(self.hub.topics.hub_status, b"offline", qos=1, retain=True)
         if self.client.connected:
             await self.client.wait_all_acked(2.0)
@@ -338,7 +364,13 @@ class ExternalTransport:
             # with the hub's id (a second hub) that may have published its own state.
             log.info("the MQTT broker %s closed the hub's last link soon after accepting it: "
                      "republishing every user's retained state", self.url)
-        if first or not session_present or self.client.failures_before or self.client.short_links:
+        digest, self._broker_digest = self._broker_digest, None
+        if first and session_present and self.hub.broker_holds_loaded_state(digest):
+            # A restart of the hub alone: the broker kept its session and every retained
+            # topic as the last run left them at its clean stop (its digest says so), so a
+            # republish (millions of messages at a million devices) would change nothing.
+            self.hub.adopt_broker_state()
+        elif first or not session_present or self.client.failures_before or self.client.short_links:
             self.hub.republish_all()
 
     def _on_disconnect(self, why: str) -> None:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from hub.core.engine import DIGEST_MASK, digest_term
 from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent, UserRemoved
 from hub.mqtt.transport import CommandRunner, HubService, Transport
 from hub.protocol import (
@@ -50,6 +51,13 @@ class UserDiscovery(Protocol):
 
     def user_removed(self, user_id: str) -> None: ...
 
+    def republish_all(self) -> None:
+        """Every user's description again (the hub did not republish its users' state)."""
+
+
+def _digest_json(users: int, digest: int) -> bytes:
+    return b'{"users":%d,"digest":"%016x"}' % (users, digest)
+
 
 def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
@@ -65,9 +73,13 @@ class MqttHub:
         self.topics: Topics = service.topics
         self._commands = commands
         #: per user, what its retained topics hold: (hash of the state JSON, status, custom
-        #: status, primary). The strings are the engine's own objects and the JSON is kept as
-        #: a hash, so this costs ~70 bytes a user instead of ~870 for topic -> payload.
-        self._retained: dict[str, tuple[int, str, str | None, str | None]] = {}
+        #: status, primary, version). The strings are the engine's own objects and the JSON is
+        #: kept as a hash, so this costs ~80 bytes a user instead of ~870 for topic -> payload.
+        self._retained: dict[str, tuple[int, str, str | None, str | None, int]] = {}
+        #: ``_retained`` is known to be what the broker holds for every user the hub knows
+        #: (see :meth:`retained_digest`): after a republish of everyone, or after the broker
+        #: proved at start that it kept the last run's state; not while a republish runs
+        self._digest_valid = False
         self._factory = transport_factory
         self._transport: Transport | None = None
         #: (user, device) -> MQTT client id that sent its birth (embedded broker only)
@@ -110,7 +122,7 @@ class MqttHub:
         """The user's four retained topics, each only when its payload changed (or forced)."""
         uid = state.user_id
         doc = state.to_json()
-        now = (hash(doc), state.status, state.custom_status, state.active_device)
+        now = (hash(doc), state.status, state.custom_status, state.active_device, state.version)
         was = self._retained.get(uid)
         if was is None and self.discovery is not None:  # the user's first publish
             self.discovery.user_appeared(state)
@@ -168,6 +180,7 @@ class MqttHub:
         """
         if self._republishing is not None:
             self._republishing.cancel()
+        self._digest_valid = False  # the broker may have lost anything until it is done
         self._republishing = asyncio.ensure_future(self._republish(self.service.engine.user_ids()))
         self._republishing.add_done_callback(_log_failure)
 
@@ -182,9 +195,59 @@ class MqttHub:
                     self.publish_state(state, forced=True)
             await asyncio.sleep(0)
             await transport.drained(REPUBLISH_BACKLOG)
+        # users that appeared meanwhile were published as they appeared
+        self._digest_valid = True
         if user_ids:
             log.info("republished the retained state of %d users in %.2f s", len(user_ids),
                      asyncio.get_running_loop().time() - began)
+
+    # ------------------------------------------------------------------ the broker kept it
+
+    def broker_holds_loaded_state(self, digest_payload: bytes | None) -> bool:
+        """Does the broker's ``P/hub/retained`` (read at start, before anything was
+        published) say that it holds exactly the state this hub loaded?
+
+        It does when the last run stopped cleanly (a crash may have published versions the
+        store never saw) and left this digest of what the broker then held, and the digest
+        is that of the (user, version) pairs the store gave: a version names one state of a
+        user (it moves whenever anything published but ``lastSeen`` changes, and is never
+        reused), so equal pairs mean equal retained topics.
+        """
+        engine = self.service.engine
+        if digest_payload is None or engine.crashed_at_load:
+            return False
+        return digest_payload == _digest_json(engine.loaded_users, engine.loaded_digest)
+
+    def adopt_broker_state(self) -> None:
+        """The broker holds what the last run published (:meth:`broker_holds_loaded_state`):
+        take that as what every user's retained topics hold, instead of republishing
+        millions of messages, and publish only the users the load itself changed."""
+        engine = self.service.engine
+        retained = self._retained
+        changed = engine.changed_at_load
+        for uid, status, custom, primary, version in engine.published_fields():
+            if uid not in changed:
+                retained[uid] = (0, status, custom, primary, version)  # the state's hash unknown
+        self._digest_valid = True
+        for uid in changed:
+            state = engine.snapshot(uid)
+            if state is not None:
+                self.publish_state(state, forced=True)
+        if self.discovery is not None:
+            self.discovery.republish_all()
+        log.info("the broker kept the retained state of all %d users from the last run: "
+                 "nothing to republish (%d changed at load)", len(retained), len(changed))
+
+    def retained_digest(self) -> bytes:
+        """``P/hub/retained``'s payload at a clean stop: the digest of the (user, version)
+        pairs whose state this hub published to the broker, or empty (the retained message
+        cleared) when the hub does not know that the broker holds every user's state."""
+        if not self._digest_valid:
+            return b""
+        total = 0
+        for uid, held in self._retained.items():
+            total += digest_term(uid, held[4])
+        return _digest_json(len(self._retained), total & DIGEST_MASK)
 
     # ------------------------------------------------------------------ requests
 

@@ -1,12 +1,21 @@
 """The TinyDB store: one JSON file on the edge box, replaced atomically once per batch.
 
-Why it looks the way it does (measured here): TinyDB serialises and rewrites its *whole* file
-on every write (39 ms at 10k documents, 231 ms at 50k). Used naively, one write per user per
-flush would be seconds of I/O a second. So:
+Why it looks the way it does (measured here): a TinyDB file is one JSON document, rewritten
+whole on every write, and at a million devices it is 345 MB. Used naively (TinyDB's own tables
+of parsed documents), one write per user per flush would be seconds of I/O a second, the parsed
+file alone took 1 GB of memory and its validated records 2 GB more, and a restart spent most of
+its time parsing, validating and writing it back. So:
 
-* TinyDB keeps working on an in-memory copy of the database (:class:`_BufferedAtomicStorage`,
-  in the spirit of TinyDB's ``CachingMiddleware``), and the store writes the file exactly once
-  per batch (``save_users``, ``delete_user``), never once per document.
+* The store keeps every document as its compact JSON *text* (``bytes``), not parsed: a flush
+  joins the texts (the file is their concatenation), a changed user is one
+  ``model_dump_json``, and only what the store must look into (a user's activity log when
+  entries are added or read) is parsed, when it is needed.
+* The file is written one document per line (still one JSON document that ``TinyDB(path)``
+  reads, see :func:`_layout`), so a restart finds each document's text by splitting lines,
+  without parsing the file, and validates users from their text in batches
+  (:meth:`TinyDBStore.load_user_batches`): the caller loads a batch into the engine and drops
+  its records before the next is made. A file in any other layout (written by an older version,
+  or by hand) is parsed whole once, as before, and written in this layout with the next write.
 * ``append_activity`` is called once per user per flush, so it only buffers: the entries go to
   the file with the next batch write, after ``activity_write_delay`` seconds at the latest, or at
   :meth:`TinyDBStore.close`. A service that appends first and saves users last gets one file
@@ -14,17 +23,22 @@ flush would be seconds of I/O a second. So:
 * The file is replaced atomically (temporary file in the same directory, fsync, ``os.replace``,
   fsync of the directory), so a crash at any moment leaves the old or the new complete
   database, never a torn or empty one.
+* The clean-stop marker (:meth:`TinyDBStore.swap_clean_stop`) is a file of its own beside the
+  database, ``FILE.clean``, replaced atomically the same way: the hub flips it at every start,
+  and putting it in the database made that flip a rewrite of the whole file (13 s at 1M
+  devices, most of a restart). An older file's marker, in the ``meta`` table, is read when
+  there is no ``FILE.clean`` yet.
 * A failed write (disk full, read-only file system) changes nothing already taken: the
   database stays in memory, still marked unwritten, and goes to the file with the next write
   that succeeds. Activity handed over again after a failed flush (the service keeps and
   resends its batch) is recognised by :class:`~hub.stores.base.ActivityIds` and kept once.
-* Every TinyDB access, and the blocking file write, runs on one dedicated worker thread. A
-  single worker keeps batches in call order and makes TinyDB (which is not thread-safe) only
-  ever touched by one thread, even when an awaiting caller is cancelled mid-write, which an
-  ``asyncio.Lock`` around ``asyncio.to_thread`` would not guarantee.
+* Every access to the documents, and the blocking file write, runs on one dedicated worker
+  thread. A single worker keeps batches in call order and the tables only ever touched by one
+  thread, even when an awaiting caller is cancelled mid-write, which an ``asyncio.Lock`` around
+  ``asyncio.to_thread`` would not guarantee.
 
-File layout (a plain TinyDB database that ``TinyDB(path)`` can read): table ``users`` holds one
-document per user keyed by the user id (``UserRecord.model_dump(by_alias=True)``), table
+File contents (a plain TinyDB database that ``TinyDB(path)`` can read): table ``users`` holds one
+document per user keyed by the user id (``UserRecord.model_dump_json(by_alias=True)``), table
 ``activity`` one document ``{"entries": [...]}`` per user, oldest first.
 """
 
@@ -33,21 +47,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import ValidationError
-from tinydb import TinyDB
-from tinydb.storages import Storage
-from tinydb.table import Document, Table
 
 from hub.core.models import Activity, UserRecord
 from hub.process import gc_paused
@@ -68,119 +81,133 @@ USERS_TABLE = "users"
 ACTIVITY_TABLE = "activity"
 META_TABLE = "meta"
 DEFAULT_ACTIVITY_WRITE_DELAY = 1.0
+#: users validated per step of :meth:`TinyDBStore.load_user_batches`: a batch of records
+#: (~4 KB each) is freed between long-lived engine objects, so a small one leaves small holes
+LOAD_BATCH = 2_000
 
-_Tables = dict[str, dict[str, Any]]
+#: table -> doc id -> the document's compact JSON text
+_Tables = dict[str, dict[str, bytes]]
+
+_TABLE_LINE = re.compile(rb'\{?"([^"\\]*)":\{')
+#: a key that is its own JSON (every id of ours): written without json.dumps
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]+").fullmatch
 
 
-class _KeyedTable(Table):
-    """A TinyDB table whose document ids are the user ids themselves.
+class _Corrupt(Exception):
+    """The file's text is not valid JSON; the message is ``json.loads``'s."""
 
-    TinyDB numbers documents by default; keying by user id makes an upsert of a batch two
-    passes over the table (remove the ids, insert the new documents) instead of a query scan
-    per user, and makes the file readable by a human looking for a user.
+
+def _layout(tables: _Tables) -> Iterator[bytes]:
+    """The file as chunks: one JSON document, one table header or document per line.
+
+    ::
+
+        {"users":{
+        "alice":{"schema":1,"id":"alice",...},
+        "bob":{...}
+        },
+        "activity":{
+        }}
+
+    Compact JSON never holds a raw line break (one in a string is escaped), so each document
+    is one line and :func:`_split_layout` finds them without parsing anything.
     """
-
-    # TinyDB's type hints say ``int`` ids; its code only ever calls ``document_id_class`` and
-    # ``str`` on them, so string ids work. The few methods below keep the ignores in one place.
-    document_id_class = str  # type: ignore[assignment]
-
-    def get_key(self, key: str) -> Document | None:
-        return self.get(doc_id=key)  # type: ignore[call-overload,no-any-return]
-
-    def get_keys(self, keys: list[str]) -> list[Document]:
-        return self.get(doc_ids=keys)
-
-    def remove_keys(self, keys: list[str]) -> None:
-        self.remove(doc_ids=keys)  # type: ignore[arg-type]
-
-    def put(self, docs: Mapping[str, Mapping[str, Any]]) -> None:
-        """Insert or replace whole documents: two passes over the table for any batch size."""
-        if docs:
-            self.remove_keys(list(docs))
-            self.insert_multiple(
-                Document(doc, doc_id=key)  # type: ignore[arg-type]
-                for key, doc in docs.items()
-            )
+    yield b"{"
+    first = True
+    for name, docs in tables.items():
+        yield (b"" if first else b",\n") + _json(name) + b":{\n"
+        first = False
+        n = len(docs)
+        for i, (doc_id, text) in enumerate(docs.items(), 1):
+            key = b'"%s"' % doc_id.encode() if _PLAIN_KEY(doc_id) else _json(doc_id)
+            yield b"%s:%s%s" % (key, text, b",\n" if i < n else b"\n")
+        yield b"}"
+    yield b"}\n"
 
 
-class _PresenceDB(TinyDB):
-    table_class = _KeyedTable
+def _split_layout(raw: bytes) -> _Tables | None:
+    """The tables of a file written by :func:`_layout`, each document's text as it is there;
+    None when the file is laid out any other way (the caller then parses it whole).
 
-
-class _BufferedAtomicStorage(Storage):
-    """TinyDB storage that writes to memory and to disk only when :meth:`flush` is called.
-
-    ``read``/``write`` are what TinyDB calls on every table operation; they only swap the
-    in-memory copy. :meth:`flush` serialises it and replaces the file atomically.
-
-    Serialising is most of a write's cost (measured here: ``json.dumps`` of 10k users, 6 MB,
-    takes 130-220 ms, and holds the GIL, so the event loop stalls with it even on a worker
-    thread). A flush therefore reuses the JSON text of every document that is the very same
-    object as at the last flush and encodes only the new ones: a flush of 100 changed users
-    out of 10k encodes 100 documents. This relies on documents never being changed in place,
-    which holds because the store only ever replaces whole documents (``put``/``remove``);
-    the cache keeps a reference to each document, so an identity match cannot be a reused id.
+    Only the shape is checked here; whether a document's text is JSON is found when it is
+    parsed (users: as they are loaded; see :meth:`TinyDBStore._validate`).
     """
-
-    def __init__(self, path: Path, initial: _Tables | None) -> None:
-        super().__init__()
-        self.path = path
-        self._data: _Tables | None = initial
-        self._dirty = False
-        # table -> doc id -> (the document object, its '"id":{...}' JSON text)
-        self._encoded: dict[str, dict[str, tuple[object, str]]] = {}
-        #: How many times the file was replaced (tests count writes with it).
-        self.file_writes = 0
-
-    def read(self) -> _Tables | None:
-        return self._data
-
-    def write(self, data: _Tables) -> None:
-        self._data = data
-        self._dirty = True
-
-    def flush(self) -> bool:
-        """Write the database if it changed since the last flush; True if the file was written."""
-        if not self._dirty:
-            return False
-        payload, encoded = self._serialize()
-        try:
-            atomic_write(self.path, payload)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write the TinyDB file {self.path}: {os_reason(exc)}"
-            ) from exc
-        self._encoded = encoded
-        self._dirty = False
-        self.file_writes += 1
-        return True
-
-    def _serialize(self) -> tuple[bytes, dict[str, dict[str, tuple[object, str]]]]:
-        """The same text as compact ``json.dumps(data)``, assembled from cached documents."""
-        encoded: dict[str, dict[str, tuple[object, str]]] = {}
-        tables: list[str] = []
-        for name, table in (self._data or {}).items():
-            before = self._encoded.get(name, {})
-            now = encoded[name] = {}
-            for doc_id, doc in table.items():
-                hit = before.get(doc_id)
-                if hit is None or hit[0] is not doc:
-                    hit = (doc, f"{_json(doc_id)}:{_json(doc)}")
-                now[doc_id] = hit
-            tables.append(f"{_json(name)}:{{{','.join(text for _, text in now.values())}}}")
-        return f"{{{','.join(tables)}}}".encode(), encoded
-
-    def close(self) -> None:
-        # The store flushes explicitly (it must turn errors into StoreError); nothing to release.
+    if not raw.startswith(b'{"') or not raw.endswith(b"}}\n"):
         return None
+    tables: _Tables = {}
+    docs: dict[str, bytes] | None = None
+    find = raw.find
+    pos, end = 0, len(raw)
+    try:
+        while pos < end:
+            eol = find(b"\n", pos)
+            if docs is None:  # a table header: '{"name":{' first, then '"name":{'
+                m = _TABLE_LINE.fullmatch(raw, pos, eol)
+                if m is None or (pos == 0) != (raw[pos] == 0x7B):
+                    return None
+                docs = tables.setdefault(m.group(1).decode(), {})
+            elif raw[pos] == 0x7D:  # '}': the table ends; '},' another follows, '}}' the last
+                line = raw[pos:eol]
+                if line == b"}}" and eol == end - 1:
+                    return tables
+                if line != b"},":
+                    return None
+                docs = None
+            else:  # '"ID":{...}' and a comma unless it is the last document
+                colon = find(b'":', pos, eol)
+                last = eol - 1 if raw[eol - 1] == 0x2C else eol
+                if (raw[pos] != 0x22 or colon < 0 or raw[colon + 2] != 0x7B
+                        or raw[last - 1] != 0x7D):
+                    return None
+                doc_id = raw[pos + 1:colon].decode()
+                if '"' in doc_id or "\\" in doc_id:
+                    return None
+                docs[doc_id] = raw[colon + 2:last]
+            pos = eol + 1
+    except (UnicodeDecodeError, IndexError):
+        return None
+    return None
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _parse_json(raw: bytes) -> object:
+    """``json.loads(raw)``, faster for what this store writes.
+
+    pydantic's Rust parser (jiter) reads JSON in ~80% of ``json.loads``'s time. It is stricter
+    in a few corners ``json.loads`` accepts (a byte-order mark, UTF-16 files, lone surrogate
+    escapes), so anything it refuses goes to ``json.loads``: a text parses exactly when it did
+    before, and a broken one fails with ``json.loads``'s error.
+    """
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError:
+        return json.loads(raw)
 
 
-def atomic_write(path: Path, payload: bytes) -> None:
-    """Replace ``path`` by ``payload`` so that a crash leaves either the old or the new file.
+def _json(value: object) -> bytes:
+    """Compact JSON, UTF-8 as it is; a string with a lone surrogate (only ``json.loads`` of a
+    hand-written escape makes one) is written escaped, as it came."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _is_tinydb_shape(data: object) -> bool:
+    """TinyDB itself fails on anything but ``{table: {doc_id: {...}}}``; check before it does."""
+    return isinstance(data, dict) and all(
+        isinstance(table, dict) and all(isinstance(doc, dict) for doc in table.values())
+        for table in data.values()
+    )
+
+
+def _is_json_error(exc: ValidationError) -> bool:
+    return any(e["type"] == "json_invalid" for e in exc.errors(include_url=False))
+
+
+def atomic_write(path: Path, payload: bytes | Iterable[bytes]) -> None:
+    """Replace ``path`` by ``payload`` (bytes, or chunks of them written in turn, so a large
+    database is never one more copy in memory) so that a crash leaves either the old or the
+    new file.
 
     The data is fsynced before the rename, so the rename never publishes an empty file after
     a power loss; the directory is fsynced after it, so the rename itself is durable.
@@ -192,7 +219,10 @@ def atomic_write(path: Path, payload: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 # Keep the permissions a user gave the existing file (mkstemp makes 0600).
                 os.fchmod(handle.fileno(), stat.S_IMODE(os.stat(path).st_mode))
-            handle.write(payload)
+            if isinstance(payload, bytes):
+                handle.write(payload)
+            else:
+                handle.writelines(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -235,30 +265,6 @@ def _merge_log(
     return kept[-limits.max_entries :]
 
 
-def _parse_json(raw: bytes) -> object:
-    """``json.loads(raw)``, faster and leaner for what this store writes.
-
-    pydantic's Rust parser (jiter) reads a large file in ~80% of ``json.loads``'s time and,
-    because it reuses one string object for each repeated short string (keys, ``"online"``,
-    device ids), the parsed database takes ~40% less memory (1.0 GB instead of 1.6 GB at 1M
-    devices). It is stricter in a few corners ``json.loads`` accepts (a byte-order mark,
-    UTF-16 files, lone surrogate escapes), so anything it refuses goes to ``json.loads``: a
-    file loads exactly when it did before, and a broken one fails with ``json.loads``'s error.
-    """
-    try:
-        return pydantic_core.from_json(raw)
-    except ValueError:
-        return json.loads(raw)
-
-
-def _is_tinydb_shape(data: object) -> bool:
-    """TinyDB itself fails on anything but ``{table: {doc_id: {...}}}``; check before it does."""
-    return isinstance(data, dict) and all(
-        isinstance(table, dict) and all(isinstance(doc, dict) for doc in table.values())
-        for table in data.values()
-    )
-
-
 def _entries(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """A user's stored log; anything but a list of objects (a hand edit) counts as empty."""
     entries = doc.get("entries")
@@ -285,8 +291,10 @@ class TinyDBStore:
         self.path = Path(path)
         self.limits = limits or ActivityLimits()
         self.activity_write_delay = activity_write_delay
-        self._db: TinyDB | None = None
-        self._storage: _BufferedAtomicStorage | None = None
+        #: the database, every document as its JSON text; None while closed
+        self._tables: _Tables | None = None
+        self._dirty = False
+        self._file_writes = 0
         self._executor: ThreadPoolExecutor | None = None
         # Activity appended but not yet merged into the table: user -> (entries, latest now).
         # Only the worker thread touches it.
@@ -303,7 +311,12 @@ class TinyDBStore:
     @property
     def file_writes(self) -> int:
         """How many times this store has replaced the file (for tests and metrics)."""
-        return self._storage.file_writes if self._storage is not None else 0
+        return self._file_writes
+
+    @property
+    def marker_path(self) -> Path:
+        """The clean-stop marker's own file, beside the database."""
+        return self.path.with_name(self.path.name + ".clean")
 
     async def open(self) -> None:
         if self._executor is not None:
@@ -330,7 +343,7 @@ class TinyDBStore:
         finally:
             executor, self._executor = self._executor, None
             executor.shutdown(wait=True)
-            self._db = None
+            self._tables = None
             self._unlock()
 
     def _open_sync(self) -> None:
@@ -355,17 +368,17 @@ class TinyDBStore:
             raise StoreError(f"cannot write the TinyDB file {path}: {os_reason(exc)}") from exc
         self._lock()
         try:
-            initial = self._read_file()
+            tables = self._read_file()
         except BaseException:
             self._unlock()
             raise
-        for stale in _temp_files(path):
+        for stale in _temp_files(path) + _temp_files(self.marker_path):
             # Left by a process killed mid-write; the real file is complete without it.
             log.info("removing %s, left over by an interrupted write", stale)
             with contextlib.suppress(OSError):
                 stale.unlink()
-        self._db = _PresenceDB(path, initial, storage=_BufferedAtomicStorage)
-        self._storage = self._db.storage  # type: ignore[assignment]
+        self._tables = tables
+        self._dirty = False
 
     def _lock(self) -> None:
         """Hold an exclusive lock on ``FILE.lock`` while open: a second hub on the same file
@@ -400,36 +413,71 @@ class TinyDBStore:
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the lock
 
-    def _read_file(self) -> _Tables | None:
+    def _read_file(self) -> _Tables:
         path = self.path
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return None
+            return {}
         except OSError as exc:
             raise StoreError(f"cannot read the TinyDB file {path}: {os_reason(exc)}") from exc
+        tables = _split_layout(raw)
+        if tables is not None:
+            return tables
         if not raw.strip():
-            return None  # TinyDB's own convention: an empty file is an empty database
+            return {}  # TinyDB's own convention: an empty file is an empty database
+        try:
+            return self._parse_whole(raw)
+        except _Corrupt as exc:
+            raise self._corrupt(f"not valid JSON: {exc}") from exc
+
+    def _parse_whole(self, raw: bytes) -> _Tables:
+        """The general path, for a file in any other layout: parse it all, keep each
+        document's text (written in the store's own layout with the next write)."""
         try:
             with gc_paused():
                 data = _parse_json(raw)
         except ValueError as exc:
-            raise StoreError(
-                f"the TinyDB file {path} is corrupt (not valid JSON: {exc}); it was left "
-                "untouched: restore it from a backup or move it away to start empty"
-            ) from exc
+            raise _Corrupt(str(exc)) from exc
         if not _is_tinydb_shape(data):
-            raise StoreError(
-                f"the TinyDB file {path} is corrupt (not a TinyDB database: expected an "
-                "object of tables of objects); it was left untouched: restore it from a backup "
-                "or move it away to start empty"
-            )
-        return cast(_Tables, data)
+            raise self._corrupt("not a TinyDB database: expected an object of tables of objects")
+        assert isinstance(data, dict)
+        return {str(name): {str(doc_id): _json(doc) for doc_id, doc in table.items()}
+                for name, table in data.items()}
+
+    def _corrupt(self, why: str) -> StoreError:
+        return StoreError(
+            f"the TinyDB file {self.path} is corrupt ({why}); it was left untouched: restore "
+            "it from a backup or move it away to start empty"
+        )
+
+    def _corrupt_document(self, table: str, doc_id: str) -> StoreError:
+        """A document of a file in the store's layout is not JSON (a hand edit): the message
+        ``json.loads`` gives for the whole file, as the general path would have refused it."""
+        try:
+            json.loads(self.path.read_bytes())
+        except (ValueError, OSError) as exc:
+            return self._corrupt(f"not valid JSON: {exc}")
+        return self._corrupt(f"the document {doc_id!r} of table {table!r} is not valid JSON")
 
     # -- the Store interface ------------------------------------------------------------------
 
     async def load_users(self) -> list[UserRecord]:
-        return await self._run(self._load_users_sync)
+        return [rec async for batch in self.load_user_batches() for rec in batch]
+
+    async def load_user_batches(self, size: int = LOAD_BATCH) -> AsyncIterator[list[UserRecord]]:
+        """Every user document as a validated record, in file order, ``size`` at a time; bad
+        ones are skipped and named in the log (they stay in the file).
+
+        Why batches: the records of a million devices take 2 GB, the engine's own state a
+        third of that; a caller that loads each batch and lets go of it before the next one
+        never holds more than a batch of records (see :meth:`PresenceService._load`).
+        """
+        ids = await self._run(lambda: list(self._docs(USERS_TABLE)))
+        for start in range(0, len(ids), size):
+            batch = await self._run(functools.partial(self._validate, ids[start:start + size]))
+            if batch:
+                yield batch
 
     async def save_users(self, users: Sequence[UserRecord]) -> None:
         # Records are dumped on the worker thread, one short call each, so the event loop gets
@@ -461,13 +509,26 @@ class TinyDBStore:
         return await self._run(lambda: self._swap_clean_stop_sync(clean))
 
     def _swap_clean_stop_sync(self, clean: bool) -> bool:
-        """A one-document ``meta`` table beside the users (still a plain TinyDB file)."""
-        assert self._db is not None
-        meta = cast(_KeyedTable, self._db.table(META_TABLE))
-        doc = meta.get_key("hub")
-        was = True if doc is None else bool(doc.get("clean", True))
-        meta.put({"hub": {"clean": clean}})
-        self._commit_sync()
+        """``FILE.clean`` holds ``{"clean": BOOL}`` (see the module docstring for why it is
+        not in the database); without it, an older version's ``meta`` document says."""
+        marker = self.marker_path
+        try:
+            text: bytes | None = marker.read_bytes()
+        except FileNotFoundError:
+            text = self._docs(META_TABLE).get("hub")
+        except OSError:
+            text = b"{}"  # unreadable: assume the worst, which only moves versions ahead
+        try:
+            doc = _parse_json(text) if text is not None else {"clean": True}
+        except ValueError:
+            doc = {}
+        was = isinstance(doc, dict) and bool(doc.get("clean", False))
+        try:
+            atomic_write(marker, _json({"clean": clean}))
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the TinyDB store's marker {marker}: {os_reason(exc)}"
+            ) from exc
         return was
 
     # -- worker-thread side -------------------------------------------------------------------
@@ -477,45 +538,73 @@ class TinyDBStore:
             raise StoreError(f"the TinyDB store {self.path} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def _tables(self) -> tuple[_KeyedTable, _KeyedTable, _BufferedAtomicStorage]:
-        assert self._db is not None and self._storage is not None
-        users = cast(_KeyedTable, self._db.table(USERS_TABLE))
-        activity = cast(_KeyedTable, self._db.table(ACTIVITY_TABLE))
-        return users, activity, self._storage
+    def _docs(self, table: str) -> dict[str, bytes]:
+        """The table's documents (created empty on first use)."""
+        assert self._tables is not None
+        docs = self._tables.get(table)
+        if docs is None:
+            docs = self._tables[table] = {}
+        return docs
 
-    def _load_users_sync(self) -> list[UserRecord]:
-        """Every user document as a validated record, in file order; bad ones are skipped.
+    def _get_doc(self, table: str, doc_id: str) -> dict[str, Any] | None:
+        text = self._docs(table).get(doc_id)
+        if text is None:
+            return None
+        try:
+            doc = _parse_json(text)
+        except ValueError:
+            raise self._corrupt_document(table, doc_id) from None
+        return doc if isinstance(doc, dict) else None
 
-        Reads the storage's table directly: ``Table.all()`` would wrap every document in a
-        TinyDB ``Document`` (a copy) only for it to be copied again into a plain dict, two
-        throw-away copies of every user at start-up. Validation does not change the stored
-        documents, so handing them to pydantic as they are is safe.
-        """
-        _, _, storage = self._tables()
-        table = (storage.read() or {}).get(USERS_TABLE, {})
-        validate = UserRecord.model_validate
+    def _validate(self, ids: Iterable[str]) -> list[UserRecord]:
+        """Records of these users, straight from their JSON text (no dicts in between); a
+        document that is not a valid record is skipped and named, and stays in the file."""
+        docs = self._docs(USERS_TABLE)
+        validate = UserRecord.model_validate_json
         out: list[UserRecord] = []
         with gc_paused():
-            for doc_id, doc in table.items():
+            for doc_id in ids:
+                text = docs.get(doc_id)
+                if text is None:  # deleted since the ids were taken
+                    continue
                 try:
-                    out.append(validate(doc))
+                    out.append(validate(text))
                 except ValidationError as exc:
-                    # Kept in the file (a newer version may understand it), skipped here.
-                    log.warning(
-                        "skipping unreadable user %r in %s: %s", doc_id, self.path,
-                        exc.errors(include_url=False)[:3],
-                    )
+                    rec = self._validate_slowly(doc_id, text, exc)
+                    if rec is not None:
+                        out.append(rec)
         return out
 
+    def _validate_slowly(self, doc_id: str, text: bytes,
+                         exc: ValidationError) -> UserRecord | None:
+        """A document pydantic's parser refused: parsed as ``json.loads`` would (a lone
+        surrogate escape), else skipped with the reason in the log."""
+        if _is_json_error(exc):
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                raise self._corrupt_document(USERS_TABLE, doc_id) from None
+            try:
+                return UserRecord.model_validate(doc)
+            except ValidationError as again:
+                exc = again
+        # Kept in the file (a newer version may understand it), skipped here.
+        log.warning("skipping unreadable user %r in %s: %s", doc_id, self.path,
+                    exc.errors(include_url=False)[:3])
+        return None
+
     def _save_users_sync(self, batch: list[UserRecord]) -> None:
-        users, _, _ = self._tables()
-        users.put({u.id: u.model_dump(mode="json", by_alias=True) for u in batch})
+        users = self._docs(USERS_TABLE)
+        for u in batch:
+            users[u.id] = u.model_dump_json(by_alias=True).encode()
+        if batch:
+            self._dirty = True
         self._commit_sync()
 
     def _delete_user_sync(self, user_id: str) -> None:
-        users, activity, _ = self._tables()
-        users.remove_keys([user_id])
-        activity.remove_keys([user_id])
+        for table in (USERS_TABLE, ACTIVITY_TABLE):
+            if self._docs(table).pop(user_id, None) is not None:
+                self._dirty = True
         self._pending.pop(user_id, None)
         self._commit_sync()
 
@@ -534,31 +623,46 @@ class TinyDBStore:
         self._pending[user_id] = (entries, max(now, last_now))
 
     def _apply_pending(self) -> None:
-        """Merge buffered activity into the table: three passes over it, whatever the count."""
+        """Merge buffered activity into the table: each user's log parsed, cut, encoded."""
         if not self._pending:
             return
-        _, activity, _ = self._tables()
+        activity = self._docs(ACTIVITY_TABLE)
         pending, self._pending = self._pending, {}
-        current = {str(doc.doc_id): _entries(doc) for doc in activity.get_keys(list(pending))}
-        merged: dict[str, dict[str, Any]] = {}
         for user_id, (entries, now) in pending.items():
-            log_entries = _merge_log(current.get(user_id, []), entries, now, self.limits)
+            doc = self._get_doc(ACTIVITY_TABLE, user_id)
+            current = _entries(doc) if doc is not None else []
+            log_entries = _merge_log(current, entries, now, self.limits)
             if log_entries:
-                merged[user_id] = {"entries": log_entries}
-        activity.remove_keys([uid for uid in pending if uid not in merged])
-        activity.put(merged)
+                activity[user_id] = _json({"entries": log_entries})
+            else:
+                activity.pop(user_id, None)
+        self._dirty = True
 
     def _commit_sync(self) -> None:
         """One file write for everything changed since the last one (nothing if unchanged)."""
         self._apply_pending()
-        _, _, storage = self._tables()
-        storage.flush()
+        if not self._dirty:
+            return
+        assert self._tables is not None
+        try:
+            atomic_write(self.path, _layout(self._tables))
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the TinyDB file {self.path}: {os_reason(exc)}"
+            ) from exc
+        self._dirty = False
+        self._file_writes += 1
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """The whole database, parsed (for tests that compare it with the file)."""
+        assert self._tables is not None
+        return {name: {doc_id: _parse_json(text) for doc_id, text in docs.items()}
+                for name, docs in self._tables.items()}
 
     def _get_activity_sync(
         self, user_id: str, limit: int | None, since: int | None
     ) -> list[Activity]:
-        _, activity, _ = self._tables()
-        doc = activity.get_key(user_id)
+        doc = self._get_doc(ACTIVITY_TABLE, user_id)
         entries: Sequence[Mapping[str, Any]] = _entries(doc) if doc is not None else []
         pending = self._pending.get(user_id)
         if pending is not None:
