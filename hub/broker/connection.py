@@ -23,17 +23,21 @@ Read against amqtt 0.12.1, like the rest of this package (``AMQTT_VERSION`` in
 * **A DISCONNECT that is forgotten.** amqtt hands a DISCONNECT to a task and to a future that
   exists only once the connection is fully started; a DISCONNECT read before that, or in the
   same read as the end of the stream, was lost and the will went out after a clean stop
-  (defect 9; MQTT says a DISCONNECT discards the will [MQTT-3.14.4-3]). Here the read loop
-  notes it on the handler the moment it is parsed.
+  (defect 9; MQTT says a DISCONNECT discards the will [MQTT-3.14.4-3]). Here the broker notes
+  it on the handler as it handles the packet, in the order the client sent it.
 * **Seven tasks and ~44 KB per idle connection** (issue 16; measured with tracemalloc and
   ``asyncio.all_tasks()`` at 1k-10k devices): a reader task, a task per read for the
-  keepalive's ``wait_for``, four waiter tasks in the broker's message loop, the connection's
-  own task; four ``asyncio.Queue`` (subscriptions, unsubscriptions, and the session's two) of
-  ~3.7 KB each, two ``Event``, a keepalive timer re-made for every packet sent. Here one task
-  per connection reads and handles its packets (``_HubBroker._read_loop``), one timer per
-  connection watches its keepalive, and the handler keeps no queue; only work that must wait
-  for the client (retained messages beyond its queue) runs in a task of its own, while it
-  waits.
+  keepalive's ``wait_for``, four waiter tasks in the broker's message loop and the
+  connection's own task (~10 KB with their coroutines and contexts); four ``asyncio.Queue``
+  (subscriptions, unsubscriptions, and the session's two) of ~3.7 KB each and two ``Event``
+  (~16 KB); asyncio's StreamReader, StreamWriter and their protocol (~4 KB); a keepalive timer
+  re-made for every packet sent; the session's ``transitions`` machine was gone already
+  (session.py). Here the broker's ``ClientConnection`` (an asyncio protocol) splits the
+  client's bytes into packets and runs a task only while it has some to handle, one timer per
+  connection watches its keepalive, and the handler keeps no queue, its fields in slots: 8.6
+  KiB per device at 10k, most of it the socket's transport, the session and the broker's
+  indexes. Only work that must wait for the client (retained messages beyond its queue) runs
+  in a task of its own, while it waits.
 """
 
 from __future__ import annotations
@@ -298,11 +302,12 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
     queue is, and its ``on_drop(handler)`` is called once per connection, when the queue first
     overflows.
 
-    It reads nothing itself: the broker's read loop (``_HubBroker._read_loop``) parses the
-    client's packets and calls it for acknowledgements. amqtt's handler ran a reader task per
-    connection (plus a task per read for its keepalive ``wait_for``), an ``Event`` pair, two
-    ``asyncio.Queue`` for subscriptions, a write lock and a logger adapter: ~15 KB an idle
-    connection. What is left here is the socket, the outbox bookkeeping and one keepalive timer.
+    It reads nothing itself: the broker's ``ClientConnection`` parses the client's packets
+    and the broker (``_HubBroker._packet``) calls it for acknowledgements. amqtt's handler
+    ran a reader task per connection (plus a task per read for its keepalive ``wait_for``),
+    an ``Event`` pair, two ``asyncio.Queue`` for subscriptions, a write lock and a logger
+    adapter: ~15 KB an idle connection. What is left here is the transport, the outbox
+    bookkeeping and one keepalive timer.
     """
 
     # Slots for amqtt's fields as well as ours: nothing goes to a per-instance __dict__
@@ -352,7 +357,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         self.held = 0
         #: whether this connection has dropped messages (logged once)
         self.dropping = False
-        #: loop time of the last bytes read from the client (the read loop sets it)
+        #: loop time of the last bytes read from the client (its ClientConnection sets it)
         self.heard_at = 0.0
         self._keepalive_task: asyncio.TimerHandle | None = None
         self._keepalive_s = 0.0
@@ -380,7 +385,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
 
     async def start(self) -> None:
         # amqtt starts a reader task and a keepalive timer here, then replays the session's
-        # unfinished flows, each in a task. The broker's read loop does the reading, the
+        # unfinished flows, each in a task. The broker's ClientConnection does the reading, the
         # keepalive is watch_keepalive's one timer, and what the broker owes the client is in
         # its outbox (resume). Left: client QoS 2 messages still waiting for their PUBREL,
         # whose PUBREC goes again ([MQTT-4.4.0-1]).
@@ -390,7 +395,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
             self.write(_ack(_PUBREC, packet_id))
 
     async def stop(self) -> None:
-        # amqtt's cancels its reader task and waits for it; there is none (the read loop ends
+        # amqtt's cancels its reader task and waits for it; there is none (the connection ends
         # on its own once the socket closes), so what is left is closing the socket.
         self._closed()
         writer = self.writer
@@ -402,7 +407,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
             log.debug("closing a client's connection failed", exc_info=True)
 
     async def handle_connection_closed(self) -> None:
-        # amqtt resolves its disconnect waiter; here the read loop must end: end its socket
+        # amqtt resolves its disconnect waiter; here the connection must end: end its socket
         _abort_transport(self)
 
     def _closed(self) -> None:
@@ -459,7 +464,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
         if self._on_silent is not None and self.writable:
             self._on_silent(self)
 
-    # -- incoming acknowledgements, from the read loop --------------------------------------------
+    # -- incoming acknowledgements, from the broker -----------------------------------------------
     def send_pubacks(self, packet_ids: list[int]) -> None:
         """Acknowledge these QoS 1 PUBLISHes of this connection (nothing if it has ended)."""
         transport = self._transport
@@ -572,7 +577,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt ships no
     def deliver_retained(self, messages: list[Message]) -> None:
         """Send ``messages`` at the pace the client reads: a subscriber to ``#`` must get every
         one. What fits in the client's queue goes now; the rest from one task that waits for
-        room (the client's PUBACKs come through the read loop, which must not wait for them).
+        room (the client's PUBACKs come through its connection, which must not wait for them).
         """
         if self._retained is not None:  # still sending an earlier subscription's: after them
             self._retained.extend(messages)
@@ -606,7 +611,7 @@ def _ack(kind: int, packet_id: int) -> bytes:
 
 
 def _abort_transport(handler: HubHandler) -> None:
-    """End ``handler``'s connection the way a dead network would (the read loop then ends)."""
+    """End ``handler``'s connection the way a dead network would (the broker then ends it)."""
     transport = getattr(handler.writer, "transport", None)
     if transport is not None:
         transport.abort()

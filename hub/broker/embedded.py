@@ -1459,8 +1459,7 @@ class ClientConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):  # type:
     __slots__ = (
         "_broker", "_buffer", "_drained", "_eof", "_listener", "_over", "_packets",
         "_queued_bytes", "_read_paused", "_reading", "_running", "_server", "_worker",
-        "_write_paused",
-        "handler", "is_closed", "session", "transport",
+        "_write_paused", "handler", "is_closed", "session", "transport",
     )
 
     def __init__(self, broker: _HubBroker, listener: str) -> None:
