@@ -145,7 +145,13 @@ class MqttHub:
         self._publish(self.topics.events(event.user_id), payload, 1, False)
 
     def device_timed_out(self, effect: DeviceTimedOut) -> None:
-        self.transport.device_timed_out(effect, self.client_ids.get((effect.user_id, effect.device_id)))
+        """The transport closes the connection of a device whose client id it knows (the
+        embedded broker); with none known (an external broker keeps its own keepalive) there
+        is nothing to close, and a storm of 100k timeouts makes no 100k calls for nothing."""
+        client_id = self.client_ids.get((effect.user_id, effect.device_id)) if self.client_ids \
+            else None
+        if client_id is not None:
+            self.transport.device_timed_out(effect, client_id)
 
     def device_removed(self, effect: DeviceRemoved) -> None:
         """Clear the device's retained ``conn`` (an empty retained message deletes it)."""
