@@ -282,11 +282,13 @@ class PresenceService:
         # from here on a crash may leave published versions the store has not seen: the
         # marker says so to the next start, before anything is published
         crashed = not await self.store.swap_clean_stop(False)
-        now = self._now()
+        now: int | None = None
         users = 0
         effects: list[Effect] = []
         with gc_paused():
             async for batch in self._user_batches():
+                if now is None:  # once the first batch is read: a small store's grace starts
+                    now = self._now()  # after its whole load, as when it was one batch
                 effects.extend(self.engine.load(batch, now, crashed))
                 users += len(batch)
         self._loaded = True
