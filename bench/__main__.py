@@ -54,6 +54,14 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
 )
 
 
+class _Partial(Exception):
+    """A scenario of several runs (sizes) in which some failed: the figures of the others."""
+
+    def __init__(self, figures: dict[str, float], why: str) -> None:
+        super().__init__(why)
+        self.figures = figures
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n")[0],
@@ -180,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     if "steady" in only:
         def run_steady() -> dict[str, float]:
             out: dict[str, float] = {}
+            errors = []
             for i, sp in enumerate(cfg["steady"]):
-                with Mosquitto() as mosq:
-                    r = steady.run(mosq, sp, log, root)
+                try:
+                    with Mosquitto() as mosq:
+                        r = steady.run(mosq, sp, log, root)
+                except Exception as exc:  # the other sizes' figures still count
+                    errors.append(f"{sp.devices:,} devices: {type(exc).__name__}: {exc}")
+                    continue
                 suffix = "" if i == 0 else f"_{sp.devices}"
                 out.update({k + suffix: v for k, v in r.items()})
+            if errors:
+                raise _Partial(out, "; ".join(errors))
             return out
 
         steps.append(("steady", run_steady))
@@ -196,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             # full run: the restart target is at 1M devices, the storm's at 100k
             sfx = f"_{cfg['storm'].devices}"
             out = {(k + sfx if k.startswith("restart_") else k): v for k, v in out.items()}
-            out.update(storm.run(cfg["restart"], log, root))
+            try:
+                out.update(storm.run(cfg["restart"], log, root))
+            except Exception as exc:  # the storm's figures still count
+                raise _Partial(out, f"restart of {cfg['restart'].devices:,} devices: "
+                                    f"{type(exc).__name__}: {exc}") from exc
             return out
 
         steps.append(("storm", run_storm))
@@ -214,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{name}]")
         try:
             figures.update(fn())
+        except _Partial as exc:  # a part failed: the rest of its figures count
+            figures.update(exc.figures)
+            failed.append(name)
+            log(f"  {name} FAILED in part: {exc}")
         except Exception as exc:  # one failed scenario must not hide the others' figures
             failed.append(name)
             log(f"  {name} FAILED: {type(exc).__name__}: {exc}")
