@@ -222,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if "embedded" in only:
         steps.append(("embedded", lambda: embedded.run(cfg["embedded"], log, root)))
     if "who" in only:
-        def run_who() -> dict[str, float]:
-            with Mosquitto() as mosq:
-                return who.run(mosq, cfg["who"], log)
-
-        steps.append(("who", run_who))
+        steps.append(("who", lambda: who.run_process(cfg["who"], log, root)))
     failed = []
     for name, fn in steps:
         t0 = time.monotonic()

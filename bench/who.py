@@ -35,8 +35,10 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -307,12 +309,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", type=int, default=WhoParams.pages)
     ap.add_argument("--churn", type=float, default=WhoParams.churn_per_s,
                     help="users taken offline (and as many brought back) a second")
+    ap.add_argument("--e2e-pages", type=int, default=WhoParams.e2e_pages)
     args = ap.parse_args(argv)
     with Mosquitto() as mosq:
         r = run(mosq, WhoParams(users=args.users, page=args.page, pages=args.pages,
-                                churn_per_s=args.churn), lambda line: print(line, flush=True))
+                                churn_per_s=args.churn, e2e_pages=args.e2e_pages),
+                lambda line: print(line, flush=True))
     print("BENCH " + json.dumps(r, sort_keys=True))
     return 0
+
+
+def run_process(p: WhoParams, log: Callable[[str], None],
+                hub_root: str | None = None) -> dict[str, float]:
+    """:func:`run` in a process of its own, as ``python -m bench`` runs it: the hub measured
+    here lives in the benchmark's process, and what earlier scenarios left in that process
+    (threads, a heap grown by a million devices) made its loop stall twice as long."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # this benchmark's bench.who, with the hub of ``hub_root`` when given (imported first, so
+    # the package comes from there whatever else is on the path)
+    boot = ("import runpy, sys; sys.path[:0] = [p for p in sys.argv[1:3] if p]; import hub; "
+            "sys.path.insert(0, sys.argv[2]); del sys.argv[1:3]; "
+            "runpy.run_module('bench.who', run_name='__main__', alter_sys=True)")
+    argv = [sys.executable, "-c", boot, hub_root or "", here, "--users", str(p.users),
+            "--page", str(p.page), "--pages", str(p.pages), "--churn", str(p.churn_per_s),
+            "--e2e-pages", str(p.e2e_pages)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    result: dict[str, float] | None = None
+    tail: list[str] = []
+    for line in proc.stdout:
+        if line.startswith("BENCH "):
+            result = json.loads(line[len("BENCH "):])
+        else:
+            log(line.rstrip("\n"))
+            tail = [*tail[-20:], line]
+    if proc.wait() != 0 or result is None:
+        raise BenchError(f"bench.who exited with {proc.returncode}: {''.join(tail)[-1500:]}")
+    return result
 
 
 if __name__ == "__main__":
