@@ -42,7 +42,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
 
-# Long (about 40 minutes, and up to ~4 GB of RAM for the 1M-device restart): the same scenarios
+# Long (about half an hour, and over 1 GB of RAM for the 1M-device restart): the same scenarios
 # and the same BENCH {json} line at the sizes of the targets.
 bench-full: $(STAMP)
 	$(BIN)/python -m bench

@@ -18,7 +18,7 @@ Mosquitto (configured to drop nothing), ``presence-hub`` as a real process (CPU 
 ``--quick`` (what ``make bench`` runs) shrinks every scenario to fit about 3 minutes and says
 so in the table; the full run (``make bench-full``) uses the sizes of the issue's targets
 (ingest at 30 s a rate, steady state at 100k and 1M devices, the storm at 100k and the restart
-at 1M devices) and takes about 40 minutes. The last line of output is ``BENCH {json}`` with
+at 1M devices) and takes about half an hour. The last line of output is ``BENCH {json}`` with
 every figure.
 """
 
