@@ -516,56 +516,23 @@ class RedisStore:
             rows = json.loads(raw)
         except ValueError:
             return await self._load_chunk_by_field(user_ids)
-        out: list[UserRecord] = []
-        for uid, fields, devices in rows:
-            fields["devices"] = devices
-            try:
-                out.append(UserRecord.model_validate(fields))
-            except ValidationError as exc:
-                log.warning(
-                    "skipping unreadable user %r in Redis at %s: %s", uid,
-                    redact_url(self.url), exc.errors(include_url=False)[:3],
-                )
-        return out
+        return self._validated((uid, fields, devices) for uid, fields, devices in rows)
 
     async def _load_chunk_by_field(self, user_ids: list[str]) -> list[UserRecord]:
         raw = await self._load(args=[self.namespace, *user_ids])
-        out: list[UserRecord] = []
-        for uid, raw_user, raw_devices in json.loads(raw):
-            fields = _USER_CODEC.decode(raw_user)
+        return self._validated(
             # cjson writes an empty Lua table as {}: no devices
-            devices = raw_devices if isinstance(raw_devices, list) else []
-            fields["devices"] = [_DEVICE_CODEC.decode(d) for d in devices]
-            try:
-                out.append(UserRecord.model_validate(fields))
-            except ValidationError as exc:
-                log.warning(
-                    "skipping unreadable user %r in Redis at %s: %s", uid,
-                    redact_url(self.url), exc.errors(include_url=False)[:3],
-                )
-        return out
+            (uid, _USER_CODEC.decode(raw_user),
+             [_DEVICE_CODEC.decode(d) for d in raw_devices] if isinstance(raw_devices, list)
+             else [])
+            for uid, raw_user, raw_devices in json.loads(raw))
 
-    async def _load_chunk_pipelined(self, user_ids: list[str]) -> list[UserRecord]:
-        client = self.client
-        async with client.pipeline(transaction=True) as pipe:
-            for uid in user_ids:
-                pipe.hgetall(self.user_key(uid))
-            replies = await pipe.execute()
-        users: list[tuple[str, dict[str, Any], list[str]]] = []
-        for uid, raw_user in zip(user_ids, replies, strict=True):
-            if not raw_user:
-                continue  # listed but gone: deleted between our two reads
-            fields = _USER_CODEC.decode(raw_user)
-            users.append((uid, fields, _device_ids(raw_user.get("devices"))))
-        async with client.pipeline(transaction=True) as pipe:
-            for uid, _, device_ids in users:
-                for device_id in device_ids:
-                    pipe.hgetall(self.device_key(uid, device_id))
-            device_replies = iter(await pipe.execute())
+    def _validated(self, rows: Iterable[tuple[str, dict[str, Any], list[Any]]]
+                   ) -> list[UserRecord]:
+        """Records of (id, user fields, device fields); an unreadable one is skipped, said."""
         out: list[UserRecord] = []
-        for uid, fields, device_ids in users:
-            devices = [_DEVICE_CODEC.decode(next(device_replies)) for _ in device_ids]
-            fields["devices"] = [d for d in devices if d]
+        for uid, fields, devices in rows:
+            fields["devices"] = devices
             try:
                 out.append(UserRecord.model_validate(fields))
             except ValidationError as exc:
@@ -699,14 +666,3 @@ def _text(value: bytes | str) -> str:
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _device_ids(encoded: str | None) -> list[str]:
-    """The record's device ids in order, from the user hash's ``devices`` field."""
-    try:
-        listed = json.loads(encoded) if encoded else []
-    except ValueError:
-        return []
-    if not isinstance(listed, list):
-        return []
-    return list(dict.fromkeys(d for d in listed if isinstance(d, str)))
