@@ -20,7 +20,7 @@ Why transactions: a batch is written in ``MULTI``/``EXEC`` transactions (one per
 orphan device; a batch of more than 500 users may land partly, each user whole. The set of
 devices to delete is read under ``WATCH``, so a concurrent writer makes the transaction retry
 rather than leak keys.
-A load reads users in chunks through one Lua script a chunk that returns the chunk as the
+A load reads users in chunks through one Lua script call a chunk that returns the chunk as the
 records' own JSON, parsed with one ``json.loads`` (redis-py parses a reply in Python: with a
 pipeline of HGETALLs, 100k users took 33 s to load, with the script about 7 s).
 Appends run one small Lua script per user, because a stream id derived from ``received_at``
@@ -206,50 +206,16 @@ class _HashCodec:
         return out
 
 
-_LOAD_SCRIPT = """
--- ARGV[1]: the namespace; ARGV[2..]: user ids. One JSON array, an entry per user that exists:
--- [id, {user hash}, [{device hash}, ...]] (devices in the order of the user's devices field).
--- Why a script: redis-py parses every reply in Python (two replies a user with pipelines:
--- 330 us a user, 33 s for 100k users); one JSON string a chunk is parsed in C.
-local ns = ARGV[1]
-local out = {}
-for i = 2, #ARGV do
-  local uid = ARGV[i]
-  local flat = redis.call('HGETALL', ns .. ':user:' .. uid)
-  if #flat > 0 then
-    local user = {}
-    for j = 1, #flat, 2 do user[flat[j]] = flat[j + 1] end
-    local devices = {}
-    local listed = user['devices']
-    if listed then
-      local ok, ids = pcall(cjson.decode, listed)
-      if ok and type(ids) == 'table' then
-        for _, did in ipairs(ids) do
-          if type(did) == 'string' then
-            local df = redis.call('HGETALL', ns .. ':device:' .. uid .. ':' .. did)
-            if #df > 0 then
-              local dev = {}
-              for j = 1, #df, 2 do dev[df[j]] = df[j + 1] end
-              devices[#devices + 1] = dev
-            end
-          end
-        end
-      end
-    end
-    out[#out + 1] = {uid, user, devices}
-  end
-end
-return cjson.encode(out)
-"""
-
-
 _LOAD_JSON_SCRIPT = """
--- The same read as _LOAD_SCRIPT, written as the records' own JSON: string fields encoded,
--- every other known field's stored text (JSON already) put in as it is, unknown fields left
--- out. ARGV[1]: the namespace; ARGV[2]/ARGV[3]: the user's string and other fields, ARGV[4]/
--- ARGV[5]: the device's (space-separated); ARGV[6..]: user ids. Python parses a chunk with
--- one json.loads; a stored text that is not JSON (a hand edit) fails that parse, and the
--- chunk is read again with _LOAD_SCRIPT, field by field.
+-- ARGV[1]: the namespace; ARGV[2]/ARGV[3]: the user's string and other fields, ARGV[4]/
+-- ARGV[5]: the device's (space-separated); ARGV[6..]: user ids. One JSON array, an entry per
+-- user that exists: [id, {user fields}, [{device fields}, ...]] (devices in the order of the
+-- user's devices field), written as the records' own JSON: string fields encoded, every other
+-- known field's stored text (JSON already) put in as it is, unknown fields left out.
+-- Why a script: redis-py parses every reply in Python (two replies a user with pipelines:
+-- 330 us a user, 33 s for 100k users); one JSON string a chunk is parsed in C, with one
+-- json.loads; a stored text that is not JSON (a hand edit) fails that parse, and the
+-- chunk is read again with every field named a string, then parsed field by field.
 local ns = ARGV[1]
 local function set_of(text)
   local s = {}
@@ -319,6 +285,9 @@ _DEVICE_CODEC = _HashCodec(DeviceRecord)
 _LOAD_FIELDS = tuple(" ".join(sorted(names)) for names in (
     _USER_CODEC.strings & _USER_CODEC.fields, _USER_CODEC.fields - _USER_CODEC.strings,
     _DEVICE_CODEC.strings & _DEVICE_CODEC.fields, _DEVICE_CODEC.fields - _DEVICE_CODEC.strings))
+#: the same fields, all read as strings (the slow, safe read of a chunk with a hand edit)
+_LOAD_AS_STRINGS = (" ".join(sorted(_USER_CODEC.fields)), "",
+                    " ".join(sorted(_DEVICE_CODEC.fields)), "")
 
 
 class RedisStore:
@@ -346,7 +315,6 @@ class RedisStore:
         self.timeout = timeout
         self._client: aioredis.Redis | None = None
         self._append: Any = None
-        self._load: Any = None
         self._load_json: Any = None
         self._swap: Any = None
         self._ids = ActivityIds()
@@ -394,7 +362,6 @@ class RedisStore:
             raise StoreError(f"cannot reach Redis at {where}: {exc}") from exc
         self._client = client
         self._append = client.register_script(_APPEND_SCRIPT)
-        self._load = client.register_script(_LOAD_SCRIPT)
         self._load_json = client.register_script(_LOAD_JSON_SCRIPT)
         self._swap = client.register_script(_SWAP_CLEAN_STOP)
 
@@ -519,12 +486,10 @@ class RedisStore:
         return self._validated((uid, fields, devices) for uid, fields, devices in rows)
 
     async def _load_chunk_by_field(self, user_ids: list[str]) -> list[UserRecord]:
-        raw = await self._load(args=[self.namespace, *user_ids])
+        # every field a string: the script's output is JSON whatever was stored
+        raw = await self._load_json(args=[self.namespace, *_LOAD_AS_STRINGS, *user_ids])
         return self._validated(
-            # cjson writes an empty Lua table as {}: no devices
-            (uid, _USER_CODEC.decode(raw_user),
-             [_DEVICE_CODEC.decode(d) for d in raw_devices] if isinstance(raw_devices, list)
-             else [])
+            (uid, _USER_CODEC.decode(raw_user), [_DEVICE_CODEC.decode(d) for d in raw_devices])
             for uid, raw_user, raw_devices in json.loads(raw))
 
     def _validated(self, rows: Iterable[tuple[str, dict[str, Any], list[Any]]]
