@@ -967,7 +967,7 @@ def test_unchanged_user_keeps_its_version_after_load(engine: Engine) -> None:
     assert fx == []
     after = fresh.snapshot("u")
     assert before is not None and after is not None
-    assert after.model_copy(update={"last_seen": None, "devices": []}) == before.model_copy(
+    assert after.model().model_copy(update={"last_seen": None, "devices": []}) == before.model().model_copy(
         update={"last_seen": None, "devices": []})
     assert [(d.id, d.name, d.status, d.is_active) for d in after.devices] == [
         ("phone", "Phone", "online", True)]

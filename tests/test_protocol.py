@@ -14,12 +14,14 @@ from hub.protocol import (
     BrokerURL,
     ConnPayload,
     DeviceMessage,
+    DeviceState,
     HeartbeatPayload,
     InvalidId,
     InvalidURL,
     Rejection,
     SetPayload,
     Topics,
+    UserState,
     UserStatePayload,
     new_session_id,
     validate_id,
@@ -232,3 +234,32 @@ def test_event_json_is_the_models_json_byte_for_byte(
     model = EventPayload(event=event, user_id=user, old=old, new=new, ts=ts)  # type: ignore[arg-type]
     assert event_json(event, user, old, new, ts) == model.to_json()
     assert EventPayload.model_validate_json(event_json(event, user, old, new, ts)) == model
+
+
+_times = st.none() | st.integers(min_value=0, max_value=2**53)
+_device_states = st.builds(
+    lambda id, name, status, seen, active, wake: DeviceState(
+        id, name, status, seen, active, wake is not None, wake),
+    st.text(max_size=12), st.text(max_size=12), st.sampled_from(["online", "away", "offline"]),
+    _times, st.booleans(), _times)
+
+
+@settings(max_examples=300, deadline=None)
+@given(user=st.text(max_size=12), name=st.text(max_size=20),
+       status=st.sampled_from(["online", "away", "dnd", "offline"]),
+       custom=st.none() | st.text(max_size=20), seen=_times,
+       active=st.none() | st.text(max_size=12), version=st.integers(min_value=0, max_value=2**53),
+       devices=st.lists(_device_states, max_size=4))
+def test_user_state_json_is_the_models_json_byte_for_byte(
+    user: str, name: str, status: str, custom: str | None, seen: int | None,
+    active: str | None, version: int, devices: list[object],
+) -> None:
+    """The engine's plain UserState is written without the model (a storm builds tens of
+    thousands at once), yet devices and dashboards must read exactly what the model writes:
+    any text (quotes, control characters, non-ASCII, surrogate-free) in ids, names and the
+    custom status."""
+    state = UserState(user, name, status, custom, seen, active, version, devices)  # type: ignore[arg-type]
+    model = state.model()
+    assert state.to_json() == model.to_json()
+    assert UserStatePayload.model_validate_json(state.to_json()) == model
+    assert json.loads(state.to_json()) == state.wire()

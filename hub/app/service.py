@@ -883,7 +883,8 @@ class PresenceService:
 
     async def get_state(self, user_id: str) -> UserStatePayload | None:
         """The user's state exactly as published on ``P/users/{user}/state``."""
-        return self.engine.snapshot(_uid(user_id))
+        state = self.engine.snapshot(_uid(user_id))
+        return None if state is None else state.model()
 
     def stats(self) -> dict[str, Any]:
         """Counters for logs and ``/presence`` diagnostics."""

@@ -118,7 +118,7 @@ from hub.core.models import (
     UserStatus,
 )
 from hub.core.sortedset import SortedIdSet
-from hub.protocol import DeviceStatus, Status, UserStatePayload
+from hub.protocol import DeviceState, DeviceStatus, Status, UserState
 
 log = logging.getLogger(__name__)
 
@@ -1127,9 +1127,8 @@ class Engine:
         self._out = []
         return out
 
-    def _snapshot(self, u: _User) -> UserStatePayload:
-        # One validation of plain dicts: about twice as fast as building each DeviceEntry,
-        # which shows when a tick publishes tens of thousands of users at once.
+    def _snapshot(self, u: _User) -> UserState:
+        # plain objects (UserState): a storm or a republish builds one per user at once
         active = u.active_device
         last_seen: int | None = None
         wall = self._wall
@@ -1140,22 +1139,11 @@ class Engine:
                 seen += wall
                 if last_seen is None or seen > last_seen:
                     last_seen = seen
-            entry = {"id": d.id, "name": d.name, "status": d.status, "last_seen": seen,
-                     "is_active": d.id == active}
-            if d.sleep_until is not None:
-                entry["sleeping"] = True
-                entry["wake_at"] = d.sleep_until + wall
-            devices.append(entry)
-        return UserStatePayload.model_validate({
-            "user_id": u.id,
-            "name": u.name,
-            "status": u.status,
-            "custom_status": u.custom_status,
-            "last_seen": last_seen,
-            "active_device": active,
-            "version": u.version,
-            "devices": devices,
-        })
+            sleep = d.sleep_until
+            devices.append(DeviceState(d.id, d.name, d.status, seen, d.id == active,
+                                       sleep is not None, None if sleep is None else sleep + wall))
+        return UserState(u.id, u.name, u.status, u.custom_status, last_seen, active, u.version,
+                         devices)
 
     # ---------------------------------------------------------------- queries
 
@@ -1174,7 +1162,7 @@ class Engine:
     def device_count(self) -> int:
         return sum(len(u.devices) for u in self._users.values())
 
-    def snapshot(self, user_id: str) -> UserStatePayload | None:
+    def snapshot(self, user_id: str) -> UserState | None:
         """The user's state as published on ``P/users/{user}/state`` (None for unknown users)."""
         u = self._users.get(user_id)
         return self._snapshot(u) if u is not None else None

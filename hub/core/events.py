@@ -20,7 +20,7 @@ from hub.protocol import (
     HeartbeatPayload,
     SetPayload,
     Status,
-    UserStatePayload,
+    UserState,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class PublishState:
     """Publish the user's retained topics. ``forced`` marks a sync: publish even if unchanged."""
 
     user_id: str
-    state: UserStatePayload
+    state: UserState
     forced: bool = False
 
 
@@ -244,7 +244,7 @@ Effect: TypeAlias = (
 class Sink(Protocol):
     """Where effects leave the process (the MQTT side of the hub). Called on the loop thread."""
 
-    def publish_state(self, state: UserStatePayload, forced: bool) -> None: ...
+    def publish_state(self, state: UserState, forced: bool) -> None: ...
 
     def publish_event(self, event: EmitEvent) -> None: ...
 

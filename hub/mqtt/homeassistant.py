@@ -69,7 +69,7 @@ from hub.mqtt.client import (
 from hub.mqtt.embedded import EmbeddedTransport
 from hub.mqtt.external import ExternalTransport
 from hub.mqtt.hub import REPUBLISH_BACKLOG, REPUBLISH_SLICE, MqttHub
-from hub.protocol import STATUSES, Topics, UserStatePayload, validate_prefix
+from hub.protocol import STATUSES, Topics, UserState, validate_prefix
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class HomeAssistant:
 
     # ------------------------------------------------------------------ from the hub
 
-    def user_appeared(self, state: UserStatePayload) -> None:
+    def user_appeared(self, state: UserState) -> None:
         """The hub publishes this user's retained state for the first time since it started."""
         self._publish_configs(state.user_id, state.name)
 

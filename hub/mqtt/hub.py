@@ -24,7 +24,7 @@ from hub.protocol import (
     ReplyPayload,
     RequestPayload,
     Topics,
-    UserStatePayload,
+    UserState,
     UserTopicKind,
     event_json,
     text_payload,
@@ -47,7 +47,7 @@ class UserDiscovery(Protocol):
 
     async def stop(self) -> None: ...
 
-    def user_appeared(self, state: UserStatePayload) -> None: ...
+    def user_appeared(self, state: UserState) -> None: ...
 
     def user_removed(self, user_id: str) -> None: ...
 
@@ -118,7 +118,7 @@ class MqttHub:
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.transport.publish(topic, payload, qos, retain)
 
-    def publish_state(self, state: UserStatePayload, forced: bool) -> None:
+    def publish_state(self, state: UserState, forced: bool) -> None:
         """The user's four retained topics, each only when its payload changed (or forced)."""
         uid = state.user_id
         doc = state.to_json()

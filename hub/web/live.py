@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hub.core.events import DeviceRemoved, DeviceTimedOut, EmitEvent, UserRemoved
-from hub.protocol import UserStatePayload
+from hub.protocol import UserState
 
 #: events a page sees when it opens (and the most a stream keeps pending)
 RECENT_EVENTS = 50
@@ -72,7 +72,7 @@ class Stream:
     """What one browser's event stream has yet to be sent, and a wake-up for its writer."""
 
     def __init__(self, pending_users: int = PENDING_USERS) -> None:
-        self._states: dict[str, UserStatePayload] = {}
+        self._states: dict[str, UserState] = {}
         #: users removed from the hub since the last write (sent before any newer state)
         self._gone: set[str] = set()
         self._events: deque[RecentEvent] = deque(maxlen=RECENT_EVENTS)
@@ -85,7 +85,7 @@ class Stream:
         #: stuck on a full socket returns at once)
         self.on_drop: Callable[[], None] | None = None
 
-    def state(self, state: UserStatePayload) -> None:
+    def state(self, state: UserState) -> None:
         if self.ended is not None:
             return
         self._states[state.user_id] = state  # the newest state of a user replaces the older
@@ -200,7 +200,7 @@ class LiveFeed:
 
     # ------------------------------------------------------------------ Sink
 
-    def publish_state(self, state: UserStatePayload, forced: bool) -> None:
+    def publish_state(self, state: UserState, forced: bool) -> None:
         # forced: republished unchanged (a sync); browsers already have it
         if forced or not self.streams:
             return
