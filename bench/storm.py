@@ -42,12 +42,15 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import floor
 from bench.fleet import user_count
+from bench.floor import Message
 from bench.infra import BenchError, HubProcess, Mosquitto, Observer, percentile, wait_until
+from hub.protocol import event_json
 
 
 @dataclass
@@ -94,6 +97,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+STORM_FILTERS = ("presence/users/+/state", "presence/users/+/status")
 KEPT_LINE = "nothing to republish"
 REPUBLISHED_LINE = "republished the retained state of"
 
@@ -118,10 +122,10 @@ def _warm_restart(args: list[str], hub_root: str | None) -> dict[str, float]:
 
 
 def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None],
-             hub_root: str | None, storm: bool) -> dict[str, float]:
+             hub_root: str | None, storm: bool, floors: bool = True) -> dict[str, float]:
     out: dict[str, float] = {}
     with Mosquitto() as mosq, \
-            Observer("127.0.0.1", mosq.port, ["presence/users/+/state", "presence/users/+/status"]) as obs:
+            Observer("127.0.0.1", mosq.port, STORM_FILTERS) as obs:
         hb_ms = int(heartbeat_s * 1000)
         args = ["--broker", mosq.url, "--storage", "tinydb", "--db", str(db),
                 "--heartbeat-interval", f"{hb_ms}ms"]
@@ -129,13 +133,16 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
             with HubProcess(args, root=hub_root) as hub:
                 wait_until(lambda: _all_states(obs, users, hub), 1800,
                            "all retained state republished", 0.05)
-                last = max(t for topic, (t, _) in obs.snapshot().items()
-                           if topic.endswith("/state"))
-                out["republished_s"] = last - hub.started_at
+                times = [t for topic, (t, _) in obs.snapshot().items() if topic.endswith("/state")]
+                out["republished_s"] = max(times) - hub.started_at
+                out["republish_s"] = max(times) - min(times)  # its first state to its last
                 out["ready_s"] = hub.ready_at - hub.started_at  # type: ignore[operator]
                 out["peak_rss_mb"] = peak_rss_mb(hub.pid)
+                messages = list(obs.messages)
             # stopped cleanly: the broker keeps every retained topic and the hub's digest
             out.update(_warm_restart(args, hub_root))
+            if floors:
+                out["republish_floor_s"] = _republish_floor(messages, users)
             return out
         with HubProcess(args, root=hub_root) as hub:
             out["ready_s"] = hub.ready_at - hub.started_at  # type: ignore[operator]
@@ -155,9 +162,10 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
                 return n >= users
 
             wait_until(all_offline, timeout_ms / 1000 + 1800, "every user offline", 0.05)
+        messages = obs.messages
         deadline: dict[str, float] = {}
         offline_at: dict[str, float] = {}
-        for t, topic, payload in obs.messages:
+        for t, topic, payload in messages:
             user = topic.split("/")[2]
             if topic.endswith("/state"):
                 try:
@@ -178,7 +186,57 @@ def _hub_run(db: Path, heartbeat_s: float, users: int, log: Callable[[str], None
         out["storm_max_s"] = max(lat)
         out["storm_first_s"] = min(lat)
         out["storm_heartbeat_s"] = heartbeat_s
+    out.update(_storm_floor(messages, users))
     return out
+
+
+def _user_states(messages: list[tuple[float, str, bytes]]) -> dict[str, list[bytes]]:
+    """Every state payload the observer got, per user, in order."""
+    states: dict[str, list[bytes]] = {}
+    for _, topic, payload in messages:
+        if topic.endswith("/state"):
+            states.setdefault(topic.split("/")[2], []).append(payload)
+    return states
+
+
+def _storm_floor(messages: list[tuple[float, str, bytes]], users: int) -> dict[str, float]:
+    """The broker's floor for the storm (:mod:`bench.floor`): on a fresh broker holding every
+    user's online state, the messages a user going offline takes (its offline ``state``
+    exactly as the hub published it, ``status``, the ``statusChange`` and ``offline``
+    events), for every user at once; per user, its ``status`` arriving at the observer."""
+    setup: list[Message] = []
+    storm_burst: list[Message] = []
+    for user, payloads in _user_states(messages).items():
+        base = f"presence/users/{user}/"
+        setup += [(base + "state", payloads[0], True), (base + "status", b"online", True)]
+        ts = int(time.time() * 1000)
+        storm_burst += [
+            (base + "state", payloads[-1], True), (base + "status", b"offline", True),
+            (f"presence/events/{user}", event_json("statusChange", user, "online", "offline", ts),
+             False),
+            (f"presence/events/{user}", event_json("offline", user, "online", "offline", ts),
+             False)]
+    got = floor.burst(setup, storm_burst, STORM_FILTERS, 2 * users)
+    lat = [t for t, topic, _ in got if topic.endswith("/status")]
+    return {"storm_floor_p50_s": percentile(lat, 50), "storm_floor_p99_s": percentile(lat, 99),
+            "storm_floor_max_s": max(lat)}
+
+
+def _republish_floor(messages: list[tuple[float, str, bytes]], users: int) -> float:
+    """The broker's floor for the republish: on a fresh broker, every user's four retained
+    topics as the hub's republish sends them (its ``state`` payload exactly as observed);
+    seconds until the last ``state`` arrived."""
+    def republish() -> Iterator[Message]:
+        for user, payloads in _user_states(messages).items():
+            base = f"presence/users/{user}/"
+            state = json.loads(payloads[-1])
+            yield base + "state", payloads[-1], True
+            yield base + "status", state["status"].encode(), True
+            yield base + "custom", (state["customStatus"] or "").encode(), True
+            yield base + "primary", (state["activeDevice"] or "").encode(), True
+
+    got = floor.burst([], republish(), STORM_FILTERS, 2 * users)
+    return max(t for t, topic, _ in got if topic.endswith("/state"))
 
 
 def _all_states(obs: Observer, users: int, hub: HubProcess) -> bool:
@@ -210,6 +268,13 @@ def run_on(db: Path, p: StormParams, log: Callable[[str], None],
     out["restart_peak_rss_mb"] = r["peak_rss_mb"]
     log(f"  restart: ready after {r['ready_s']:.2f}s, all retained state after "
         f"{r['republished_s']:.2f}s, hub peak RSS {r['peak_rss_mb']:.0f} MB")
+    if "republish_floor_s" in r:
+        # the hub's republish (its first state to its last) against the broker's floor
+        out["restart_republish_s"] = r["republish_s"]
+        out["restart_republish_floor_s"] = r["republish_floor_s"]
+        out["restart_republish_ratio"] = r["republish_s"] / r["republish_floor_s"]
+        log(f"  republish: the hub's first state to its last {r['republish_s']:.2f}s, the "
+            f"broker's floor {r['republish_floor_s']:.2f}s (x{out['restart_republish_ratio']:.2f})")
     for k in ("ready_s", "consistent_s", "republished", "peak_rss_mb"):
         out[f"restart_warm_{k}"] = r[f"warm_{k}"]
     log(f"  warm restart (the broker kept everything): ready after {r['warm_ready_s']:.2f}s, "
@@ -225,11 +290,15 @@ def run_on(db: Path, p: StormParams, log: Callable[[str], None],
     s = _hub_run(db, heartbeat_s, users, log, hub_root, storm=True)
     out["storm_devices"] = float(p.devices)
     for k in ("storm_users", "storm_p50_s", "storm_p99_s", "storm_max_s", "storm_first_s",
-              "storm_heartbeat_s"):
+              "storm_heartbeat_s", "storm_floor_p50_s", "storm_floor_p99_s", "storm_floor_max_s"):
         out[k] = s[k]
+    out["storm_floor_ratio"] = s["storm_p99_s"] / s["storm_floor_p99_s"]
     log(f"  storm of {p.devices:,} devices ({int(s['storm_users']):,} users, heartbeat "
         f"{heartbeat_s:g}s): offline p50 {s['storm_p50_s']:.2f}s, p99 {s['storm_p99_s']:.2f}s, "
         f"max {s['storm_max_s']:.2f}s past the deadline")
+    log(f"  the broker's floor for the same messages: p50 {s['storm_floor_p50_s']:.2f}s, p99 "
+        f"{s['storm_floor_p99_s']:.2f}s, max {s['storm_floor_max_s']:.2f}s "
+        f"(hub p99 x{out['storm_floor_ratio']:.2f} of it)")
     return out
 
 
