@@ -205,6 +205,7 @@ async def _scenario(p: EmbeddedParams, log: Callable[[str], None], hub_root: str
                 f"({(rss - idle_rss) / target / 1024:.1f} KiB/device), connecting took "
                 f"{per_conn_ms:.1f} ms/device, hub output settled in {settled:.0f}s")
             out["embedded_kib_per_device"] = (rss - idle_rss) / target / 1024
+            out[f"embedded_kib_at_{target}"] = out["embedded_kib_per_device"]
             out["embedded_connect_ms_last_step"] = per_conn_ms
             if not hub.alive():
                 raise BenchError("embedded hub died")
