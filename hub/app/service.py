@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 from collections import Counter
@@ -114,6 +115,8 @@ class Leadership(Protocol):
 #: messages held while the lease is being confirmed (after a pause of the process); beyond it
 #: they are dropped with a counted reason
 HELD_MAX = 100_000
+#: a load of this many users or more is frozen (``gc.freeze``) as it ends: see :meth:`_load`
+FREEZE_AFTER_LOAD = 10_000
 
 
 class Resource(Protocol):
@@ -291,6 +294,10 @@ class PresenceService:
                     now = self._now()  # after its whole load, as when it was one batch
                 effects.extend(self.engine.load(batch, now, crashed))
                 users += len(batch)
+            if users >= FREEZE_AFTER_LOAD:
+                # out of the collector's sight before it is back on: its first young
+                # collection would walk every object just loaded (2 s at 1M devices)
+                gc.freeze()
         self._loaded = True
         if crashed and users:
             log.warning("the last run did not stop cleanly: user versions continue above what "
