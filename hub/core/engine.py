@@ -1386,6 +1386,8 @@ class Engine:
         bumped: list[str] = []
         wall = self._wall
         intern = sys.intern
+        new_device = _Device.__new__
+        default_timeout = self._timeout
         digest = self.loaded_digest
         for rec in records:
             if rec.removed:  # a tombstone: only its version matters
@@ -1410,26 +1412,35 @@ class Engine:
             u.last_sync = rec.last_sync
             u.channels = ({c: t - wall for c, t in rec.channels.items()} if rec.channels
                           else _NO_CHANNELS)
+            devices = u.devices
             for dr in rec.devices:
-                # interned, as _device_for does: ids and names repeat across users (a store
-                # that parses with json.loads makes a new string for each)
-                d = _Device(u, intern(dr.id), intern(dr.name), dr.virtual)
+                # every slot set once, here (not _Device.__init__'s defaults first: a restart
+                # builds a million of these); ids and names interned, as _device_for does
+                # (a store that parses with json.loads makes a new string for each)
+                d = new_device(_Device)
+                d.user = u
+                d.id = device_id = intern(dr.id)
+                d.name = intern(dr.name)
+                d.virtual = virtual = dr.virtual
+                d.connected = connected = dr.connected and not virtual
                 d.session = dr.session
-                d.connected = dr.connected and not dr.virtual
                 d.ended = dr.ended
                 d.status = dr.status
-                d.last_seen = now if d.connected else (
-                    None if dr.last_seen is None else dr.last_seen - wall)
-                d.last_interaction = (None if dr.last_interaction is None
-                                      else dr.last_interaction - wall)
+                seen = dr.last_seen
+                d.last_seen = now if connected else (None if seen is None else seen - wall)
+                li = dr.last_interaction
+                d.last_interaction = d.saved_li = None if li is None else li - wall
                 d.acked_version = dr.acked_version
-                d.saved_li = d.last_interaction
-                d.timeout = dr.timeout_ms
-                d.sleep_until = None if dr.sleep_until is None else dr.sleep_until - wall
+                d.timeout = timeout = dr.timeout_ms
+                sleep = dr.sleep_until
+                d.sleep_until = None if sleep is None else sleep - wall
                 d.born_ts = dr.born_ts
-                if d.connected or d.virtual:
-                    d.hold_until = now + (d.timeout or self._timeout)
-                u.devices[d.id] = d
+                d.due = None
+                d.removed = False
+                d.will_due = None
+                d.hold_until = (now + (timeout or default_timeout) if connected or virtual
+                                else None)
+                devices[device_id] = d
             # the published key of the stored state, so an unchanged user keeps its version
             u.published_key = hash(self._key(u))
             if u.status != OFFLINE:
@@ -1443,10 +1454,14 @@ class Engine:
         self._dirty.difference_update(loaded)  # the store holds exactly what was just read
         self._dirty.update(bumped)  # ... except the versions a crash moved up
         refresh_device = self._refresh_device
+        schedule = self._schedule
         for u in loaded.values():
             changed = False
             for d in u.devices.values():
-                changed = refresh_device(d, now) or changed
+                if d.hold_until is not None:
+                    schedule(d, now)  # held: its status stands until heard or the grace ends
+                else:
+                    changed = refresh_device(d, now) or changed
             # a user is derived from its devices: if none changed, the record (one consistent
             # snapshot written by this engine) already holds its status and primary, and
             # re-deriving them was half of a restart's engine time (1M devices)
