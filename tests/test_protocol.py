@@ -263,3 +263,13 @@ def test_user_state_json_is_the_models_json_byte_for_byte(
     assert state.to_json() == model.to_json()
     assert UserStatePayload.model_validate_json(state.to_json()) == model
     assert json.loads(state.to_json()) == state.wire()
+
+
+def test_user_state_json_is_compact_in_order_and_utf8_as_topics_md_says() -> None:
+    state = UserState("alice", 'Zoë "Z"\n', "dnd", "Café ☕", 5, "laptop", 17,
+                      [DeviceState("laptop", "Work laptop", "online", 5, True)])
+    assert state.to_json() == (
+        '{"userId":"alice","name":"Zoë \\"Z\\"\\n","status":"dnd","customStatus":"Café ☕",'
+        '"lastSeen":5,"activeDevice":"laptop","version":17,"devices":[{"id":"laptop",'
+        '"name":"Work laptop","status":"online","lastSeen":5,"isActive":true,'
+        '"sleeping":false,"wakeAt":null}]}').encode()
