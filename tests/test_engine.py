@@ -922,6 +922,22 @@ def restart(engine: Engine, store: dict[str, UserRecord], now: int) -> tuple[Eng
     return fresh, fx
 
 
+def test_a_stored_users_json_is_the_records_own_with_any_text(engine: Engine) -> None:
+    """The flush writes the engine's plain UserDoc without building the record; what it
+    writes must be exactly what the record writes (quotes, newlines, non-ASCII), and load
+    back as the same record."""
+    engine.handle(Birth("u", "a", "s1", name='Zoë\'s "phone"\n', heartbeat_ms=10_000,
+                        ts=7), T0)
+    engine.handle(ActivityEvent("u", "message", "a", "tg", T0), T0)
+    engine.handle(SetCustomStatus("u", "Café ☕ \u2028 \\o/"), T0)
+    (doc,) = engine.take_dirty_docs()
+    record = doc.record()
+    assert doc.to_json() == record.to_json()
+    assert UserRecord.model_validate_json(doc.to_json()) == record
+    assert (record.custom_status, record.devices[0].name) == ("Café ☕ \u2028 \\o/",
+                                                              'Zoë\'s "phone"\n')
+
+
 def test_take_dirty_returns_each_changed_user_once(engine: Engine) -> None:
     engine.handle(Birth("u", "a", "s1"), T0)
     engine.handle(Birth("v", "a", "s2"), T0)
@@ -1098,7 +1114,7 @@ def test_records_round_trip_every_field(engine: Engine) -> None:
     again = UserRecord.model_validate_json(rec.model_dump_json(by_alias=True))
     fresh = Engine()
     fresh.load([again], T0 + 6)
-    (rec2,) = [fresh._record(fresh._users["u"])]
+    (rec2,) = [fresh._doc(fresh._users["u"]).record()]
     assert rec2.model_dump(exclude={"devices"}) == rec.model_dump(exclude={"devices"})
     d1, d2 = rec.devices[0].model_dump(), rec2.devices[0].model_dump()
     assert d2.pop("last_seen") == T0 + 6  # connected: one timeout of grace from the load

@@ -16,7 +16,7 @@ from hub.app.factory import create_presence_service
 from hub.core import sortedset
 from hub.core.clock import FakeClock
 from hub.core.engine import Engine, EngineConfig
-from hub.core.events import ActivityEvent, Birth, DeviceOffline
+from hub.core.events import ActivityEvent, Birth, DeviceOffline, RemoveUser
 from hub.core.sortedset import SortedIdSet
 
 T0 = 1_000_000
@@ -141,3 +141,31 @@ async def test_who_command_pages_through_a_service_whose_users_change(small_step
         first = await run_command(p, "asker", "/presence who --limit 10")
         assert first.text.startswith("10 online (first page):\n")
         assert first.text.endswith("\nmore: /presence who --after u008")  # a-late comes first
+
+
+def test_user_pages_list_every_user_offline_ones_too_while_users_come_and_go(
+        small_steps: None) -> None:
+    """``/presence users`` pages from an index of every user id, built in steps while users
+    are added and removed, then kept: the pages are exactly the engine's users, in order."""
+    engine = _engine_with(40)
+    for i in range(0, 40, 5):
+        engine.handle(DeviceOffline(f"u{i:03d}", "d", "s", "disconnect"), T0)  # still users
+    k = 0
+    while not engine.index_users():  # users come and go during the build
+        engine.handle(Birth(f"b{k:03d}", "d", "s"), T0)
+        if k % 3 == 0:
+            engine.handle(RemoveUser(f"u{k:03d}"), T0)
+        k += 1
+    engine.handle(Birth("zz", "d", "s"), T0)  # and after it
+    engine.handle(RemoveUser("u039"), T0)
+
+    def walk(limit: int) -> list[str]:
+        got: list[str] = []
+        page = engine.user_page(limit, None)
+        while page:
+            got += page
+            page = engine.user_page(limit, page[-1])
+        return got
+
+    assert walk(6) == walk(1) == sorted(engine.user_ids())
+    assert "u005" in walk(6)  # offline users are listed

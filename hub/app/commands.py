@@ -9,7 +9,6 @@ and the same service calls, so a command means the same everywhere.
 from __future__ import annotations
 
 import argparse
-import heapq
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -206,9 +205,8 @@ async def _users(presence: PresenceService, args: list[str]) -> CommandResult:
     if not 1 <= opts.limit <= WHO_PAGE_MAX:
         raise CommandError(f"--limit must be 1-{WHO_PAGE_MAX}")
     after = opts.after
-    ids = (uid for uid in presence.engine.user_ids() if after is None or uid > after)
     # one more than the page tells whether another page follows
-    page = heapq.nsmallest(opts.limit + 1, ids)
+    page = await presence.user_ids_page(opts.limit + 1, after)
     more = len(page) > opts.limit
     page = page[:opts.limit]
     statuses = await presence.get_statuses(page)

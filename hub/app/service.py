@@ -46,7 +46,15 @@ from hub.core.events import (
     UserRemoved,
     events_from_message,
 )
-from hub.core.models import Activity, DeviceInfo, OnlineUser, SyncStatus, UserRecord, UserStatus
+from hub.core.models import (
+    Activity,
+    DeviceInfo,
+    OnlineUser,
+    StoredUser,
+    SyncStatus,
+    UserRecord,
+    UserStatus,
+)
 from hub.process import gc_paused
 from hub.protocol import (
     ID_FIELD_PATTERN,
@@ -179,7 +187,7 @@ class PresenceService:
         self._sinks: list[Sink] = []
         self._callbacks: dict[str, list[tuple[Callback, int]]] = {n: [] for n in EVENT_NAMES}
         self._pending_activity: dict[str, list[Activity]] = {}
-        self._unsaved: dict[str, UserRecord] = {}  # a failed flush's batch, retried next time
+        self._unsaved: dict[str, StoredUser] = {}  # a failed flush's batch, retried next time
         #: users removed since the last flush: the store deletes them (activity included)
         self._deleted: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -582,7 +590,7 @@ class PresenceService:
         for sink in list(self._sinks):
             sink.before_flush()
         batch = self._unsaved
-        for rec in self.engine.take_dirty(getattr(self.store, "keeps_users", True)):
+        for rec in self.engine.take_dirty_docs(getattr(self.store, "keeps_users", True)):
             batch[rec.id] = rec  # a newer record of the same user wins
         self._unsaved = {}
         records = list(batch.values())
@@ -879,6 +887,17 @@ class PresenceService:
                                               cursor)
             page += more
         return page
+
+    async def user_ids_page(self, limit: int, after: str | None = None) -> list[str]:
+        """Up to ``limit`` ids of every user the hub knows (offline ones too) above ``after``,
+        in order: ``/presence users``. The first call builds the engine's index of ids in
+        steps between which the loop runs, as :meth:`get_online_users` does."""
+        engine = self.engine
+        while True:  # a slice of the build per loop turn (ASYNC110: the yield is the point)
+            if engine.index_users():
+                break
+            await asyncio.sleep(0)
+        return engine.user_page(limit, after)
 
     async def sync(self, user_id: str) -> SyncStatus:
         """Republish the user's state and ask every device to ack it."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from hub.core.models import Activity, UserRecord
+from hub.core.models import Activity, StoredUser, UserRecord
 
 DEFAULT_ACTIVITY_LIMIT = 1000
 DEFAULT_ACTIVITY_MAX_AGE_MS = 7 * 24 * 3600 * 1000
@@ -104,8 +104,9 @@ class Store(Protocol):
     async def load_users(self) -> list[UserRecord]:
         """Every persisted user, with devices."""
 
-    async def save_users(self, users: Sequence[UserRecord]) -> None:
-        """Upsert whole user records (devices not listed in a record are removed)."""
+    async def save_users(self, users: Sequence[StoredUser]) -> None:
+        """Upsert whole user records (devices not listed in a record are removed): each a
+        ``UserRecord`` or the engine's ``UserDoc`` (``to_json()`` and ``record()`` on both)."""
 
     async def delete_user(self, user_id: str) -> None:
         """Forget a user, its devices and its activity."""

@@ -6,7 +6,7 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 
-from hub.core.models import Activity, UserRecord
+from hub.core.models import Activity, StoredUser, UserRecord
 from hub.stores.base import ActivityLimits, select_activity
 
 
@@ -42,10 +42,11 @@ class MemoryStore:
     async def load_users(self) -> list[UserRecord]:
         return [UserRecord.model_validate_json(zlib.decompress(raw)) for raw in self._users.values()]
 
-    async def save_users(self, users: Sequence[UserRecord]) -> None:
+    async def save_users(self, users: Sequence[StoredUser]) -> None:
         if not self.keeps_users:
             return
-        for user in users:
+        for stored in users:
+            user = stored.record()
             doc = user.model_dump_json(by_alias=True, exclude_defaults=True).encode()
             self._users[user.id] = zlib.compress(doc, 1)
 

@@ -52,7 +52,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hub.core.models import Activity, DeviceRecord, UserRecord
+from hub.core.models import Activity, DeviceRecord, StoredUser, UserRecord
 from hub.protocol.urls import redact_url
 from hub.stores.base import ActivityIds, ActivityLimits, StoreError, StoreFenced, select_activity
 from hub.stores.lease import lease_keys
@@ -391,8 +391,8 @@ class RedisStore:
     async def load_users(self) -> list[UserRecord]:
         return await self._guard("load users", self._load_users)
 
-    async def save_users(self, users: Sequence[UserRecord]) -> None:
-        batch = {u.id: u for u in users}  # the last record of a user in a batch wins
+    async def save_users(self, users: Sequence[StoredUser]) -> None:
+        batch = {u.id: u.record() for u in users}  # the last record of a user in a batch wins
         if batch:
             await self._guard("save users", lambda: self._save_users(batch), write=True)
 

@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 import pydantic_core
 from pydantic import ValidationError
 
-from hub.core.models import Activity, UserRecord
+from hub.core.models import Activity, StoredUser, UserRecord
 from hub.process import gc_paused
 from hub.stores.base import (
     ActivityIds,
@@ -479,7 +479,7 @@ class TinyDBStore:
             if batch:
                 yield batch
 
-    async def save_users(self, users: Sequence[UserRecord]) -> None:
+    async def save_users(self, users: Sequence[StoredUser]) -> None:
         # Records are dumped on the worker thread, one short call each, so the event loop gets
         # the GIL between them; the engine hands over fresh records it no longer changes.
         batch = list(users)
@@ -593,10 +593,10 @@ class TinyDBStore:
                     exc.errors(include_url=False)[:3])
         return None
 
-    def _save_users_sync(self, batch: list[UserRecord]) -> None:
+    def _save_users_sync(self, batch: list[StoredUser]) -> None:
         users = self._docs(USERS_TABLE)
         for u in batch:
-            users[u.id] = u.model_dump_json(by_alias=True).encode()
+            users[u.id] = u.to_json()
         if batch:
             self._dirty = True
         self._commit_sync()
