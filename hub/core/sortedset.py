@@ -18,7 +18,11 @@ most ``MERGE`` ids (``list.sort`` of two concatenated sorted runs is a linear me
 the runs left are merged ``STEP`` ids a step (``heapq.merge``); then the result is cut into
 buckets. Changes made meanwhile are journalled and replayed onto the buckets, ``STEP`` a step,
 so the set stays exact throughout and a caller can spread a build over many turns of an event
-loop (measured: 100k ids in 43 ms over 51 steps of at most 4 ms; 1M ids in about 3 s).
+loop (measured on a quiet day: 100k ids in 43 ms over 51 steps of at most 4 ms; on a slower
+one, 100k ids in 190 ms over 63 steps of at most 12 ms, and 1M in 2.7 s over 586 steps; the
+longest is the snapshot, 100 ms at 1M ids). ``MERGE`` was 131,072: a pair merged in one step
+then took 30 ms at 100k ids; cutting into buckets is done ``STEP`` ids a step for the same
+reason.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Iterable, Iterator, MutableSet
 BUCKET = 512
 #: ids sorted in one build step, and the most ids two runs merged in one step may hold
 RUN = 4096
-MERGE = 131_072
+MERGE = 32_768
 #: ids taken a step from the last merge, and changes replayed a step
 STEP = 16_384
 
@@ -41,8 +45,8 @@ STEP = 16_384
 class SortedIdSet(MutableSet[str]):
     """A ``set[str]`` that can also page its members in sorted order (:meth:`after`)."""
 
-    __slots__ = ("_buckets", "_built", "_journal", "_maxes", "_members", "_merged", "_merger",
-                 "_replayed", "_runs", "_unsorted")
+    __slots__ = ("_buckets", "_built", "_cut", "_journal", "_maxes", "_members", "_merged",
+                 "_merger", "_replayed", "_runs", "_unsorted")
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         self._members: set[str] = set(ids)
@@ -56,6 +60,8 @@ class SortedIdSet(MutableSet[str]):
         self._merger: Iterator[str] | None = None
         self._merged: list[str] | None = None
         self._replayed = 0
+        #: how far the merged ids are cut into buckets
+        self._cut = 0
         self._built = False
 
     @classmethod
@@ -120,10 +126,14 @@ class SortedIdSet(MutableSet[str]):
             self._merged.extend(itertools.islice(self._merger, STEP))
             if len(self._merged) - taken < STEP:
                 self._merger = None
-        elif self._replayed == 0 and not self._maxes and self._merged:  # cut into buckets
+        elif self._cut < len(self._merged):  # cut into buckets, STEP ids a step
             merged = self._merged
-            self._buckets = [merged[i:i + BUCKET] for i in range(0, len(merged), BUCKET)]
-            self._maxes = [b[-1] for b in self._buckets]
+            end = min(len(merged), self._cut + STEP)
+            for i in range(self._cut, end, BUCKET):
+                bucket = merged[i:min(i + BUCKET, end)]
+                self._buckets.append(bucket)
+                self._maxes.append(bucket[-1])
+            self._cut = end
         else:  # replay what changed while it was built, in order
             journal = self._journal
             end = min(len(journal), self._replayed + STEP)
@@ -136,6 +146,7 @@ class SortedIdSet(MutableSet[str]):
             if end == len(journal):
                 self._journal = []
                 self._merged = None
+                self._cut = 0
                 self._unsorted = None
                 self._replayed = 0
                 self._built = True
