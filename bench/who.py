@@ -9,8 +9,8 @@ set changes, as a live one's does). Measured:
 
 * ``who_page_p99_ms`` (and p50, max): one page, command parsed, users found, text and data
   built; the goal is 50 ms at 100k present users;
-* ``who_loop_stall_max_ms``: the longest the event loop went without running a ticker task
-  that asks to wake every millisecond (its wake-up delay past the millisecond); the goal is
+* ``who_loop_stall_max_ms``: the longest the event loop went without running a ticker timer
+  that asks to run every millisecond (its delay past the millisecond); the goal is
   20 ms. On a shared machine a gap also holds the time the OS gave the core to another
   process, so ``who_loop_busy_max_ms`` is the most CPU time the loop's thread spent between
   two ticks: the loop held by its own work, whatever the rest of the machine did;
