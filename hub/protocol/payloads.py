@@ -7,6 +7,7 @@ the same fields for people and a test keeps the two in step.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from pydantic import (
@@ -163,35 +164,25 @@ class UserStatePayload(WireModel):
         return self.model_dump_json(by_alias=True).encode()
 
 
+@dataclass(slots=True)
 class DeviceState:
     """One device of a :class:`UserState` (the attributes of :class:`DeviceEntry`)."""
 
-    __slots__ = ("id", "is_active", "last_seen", "name", "sleeping", "status", "wake_at")
-
-    def __init__(self, id: str, name: str, status: DeviceStatus, last_seen: int | None,
-                 is_active: bool, sleeping: bool = False, wake_at: int | None = None) -> None:
-        self.id = id
-        self.name = name
-        self.status = status
-        self.last_seen = last_seen
-        self.is_active = is_active
-        self.sleeping = sleeping
-        self.wake_at = wake_at
+    id: str
+    name: str
+    status: DeviceStatus
+    last_seen: int | None
+    is_active: bool
+    sleeping: bool = False
+    wake_at: int | None = None
 
     def wire(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "status": self.status,
                 "lastSeen": self.last_seen, "isActive": self.is_active,
                 "sleeping": self.sleeping, "wakeAt": self.wake_at}
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DeviceState) and self.wire() == other.wire()
 
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"DeviceState({self.wire()!r})"
-
-
+@dataclass(slots=True)
 class UserState:
     """A user's state as the engine derives it: the attributes of :class:`UserStatePayload`
     and the same JSON, without the model.
@@ -204,28 +195,14 @@ class UserState:
     property test checks that), and :meth:`model` builds the model where an API returns it.
     """
 
-    __slots__ = (
-        "active_device",
-        "custom_status",
-        "devices",
-        "last_seen",
-        "name",
-        "status",
-        "user_id",
-        "version",
-    )
-
-    def __init__(self, user_id: str, name: str, status: Status, custom_status: str | None,
-                 last_seen: int | None, active_device: str | None, version: int,
-                 devices: list[DeviceState]) -> None:
-        self.user_id = user_id
-        self.name = name
-        self.status = status
-        self.custom_status = custom_status
-        self.last_seen = last_seen
-        self.active_device = active_device
-        self.version = version
-        self.devices = devices
+    user_id: str
+    name: str
+    status: Status
+    custom_status: str | None
+    last_seen: int | None
+    active_device: str | None
+    version: int
+    devices: list[DeviceState]
 
     def wire(self) -> dict[str, Any]:
         """The JSON object of ``P/users/{user}/state`` (customStatus and activeDevice always
@@ -242,14 +219,6 @@ class UserState:
 
     def model(self) -> UserStatePayload:
         return UserStatePayload.model_validate(self.wire())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, UserState) and self.wire() == other.wire()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"UserState({self.wire()!r})"
 
 
 class EventPayload(WireModel):
