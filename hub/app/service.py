@@ -874,10 +874,7 @@ class PresenceService:
         between slices of work: building the index the first time (100k users: about 50
         steps of a few ms) and, with a channel few users are on, scanning for the page."""
         engine = self.engine
-        while True:  # a slice of the build per loop turn (ASYNC110: the yield is the point)
-            if engine.index_present():
-                break
-            await asyncio.sleep(0)
+        await _in_steps(engine.index_present)
         page, cursor = engine.online_page(channel_id, self.clock.now(), limit, after)
         while cursor is not None and len(page) < limit:
             await asyncio.sleep(0)
@@ -892,12 +889,8 @@ class PresenceService:
         """Up to ``limit`` ids of every user the hub knows (offline ones too) above ``after``,
         in order: ``/presence users``. The first call builds the engine's index of ids in
         steps between which the loop runs, as :meth:`get_online_users` does."""
-        engine = self.engine
-        while True:  # a slice of the build per loop turn (ASYNC110: the yield is the point)
-            if engine.index_users():
-                break
-            await asyncio.sleep(0)
-        return engine.user_page(limit, after)
+        await _in_steps(self.engine.index_users)
+        return self.engine.user_page(limit, after)
 
     async def sync(self, user_id: str) -> SyncStatus:
         """Republish the user's state and ask every device to ack it."""
@@ -920,6 +913,15 @@ class PresenceService:
             "rejected": dict(self.rejected),
             "engine": dict(self.engine.counters),
         }
+
+
+async def _in_steps(step: Callable[[], bool]) -> None:
+    """Call ``step`` once per loop turn until it returns True: bounded work (building an
+    index) that must not hold the loop in one go."""
+    while True:  # ASYNC110: the yield between steps is the point
+        if step():
+            return
+        await asyncio.sleep(0)
 
 
 def validate_or_raise(value: str, what: str) -> str:
