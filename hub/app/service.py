@@ -16,6 +16,7 @@ import contextlib
 import gc
 import inspect
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from hub.core.models import (
     SyncStatus,
     UserRecord,
     UserStatus,
+    UserText,
 )
 from hub.process import gc_paused
 from hub.protocol import (
@@ -105,7 +107,8 @@ class ActivityIn(BaseModel):
 class BatchLoading(Protocol):
     """A store that can hand its users over in batches (TinyDB; see :meth:`PresenceService._load`)."""
 
-    def load_user_batches(self) -> AsyncIterator[list[UserRecord]]: ...
+    def load_user_batches(self, size: int = ..., texts: bool = False,
+                          ) -> AsyncIterator[list[UserRecord | UserText]]: ...
 
 
 class Leadership(Protocol):
@@ -125,6 +128,9 @@ class Leadership(Protocol):
 HELD_MAX = 100_000
 #: a load of this many users or more is frozen (``gc.freeze``) as it ends: see :meth:`_load`
 FREEZE_AFTER_LOAD = 10_000
+#: users loaded cold that the background pass builds per turn of the loop (about 30-40 us
+#: each on a slow day: a turn of 10 ms at most, see :meth:`PresenceService._warm_cold`)
+WARM_SLICE = 250
 
 
 class Resource(Protocol):
@@ -215,6 +221,10 @@ class PresenceService:
         self._held: list[list[tuple[str, bytes]]] = []
         self._held_count = 0
         self._confirming: asyncio.Task[bool] | None = None
+        self._warming: asyncio.Task[None] | None = None
+        #: users the load left cold, and when it ended (for the background pass's log line)
+        self._cold_loaded = (0, 0.0)
+        self._frozen = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,6 +243,8 @@ class PresenceService:
         await self._load()
         self._wake = asyncio.Event()
         self._runner = asyncio.create_task(self._run(), name="presence-clock")
+        if self.engine.cold_users:
+            self._warming = asyncio.create_task(self._warm_cold(), name="presence-load")
         self._started = True
         started: list[Resource] = []
         try:
@@ -258,6 +270,11 @@ class PresenceService:
         if not self._started:
             return
         self._started = False
+        if self._warming is not None:  # users not built yet stay as the store has them
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
+            self._warming = None
         for resource in reversed(self._resources):
             try:
                 await resource.stop()
@@ -306,19 +323,49 @@ class PresenceService:
                 # out of the collector's sight before it is back on: its first young
                 # collection would walk every object just loaded (2 s at 1M devices)
                 gc.freeze()
+                self._frozen = True
         self._loaded = True
         if crashed and users:
             log.warning("the last run did not stop cleanly: user versions continue above what "
                         "it may have published")
+        cold = self.engine.cold_users
+        self._cold_loaded = (cold, time.monotonic())
         if users:
-            log.info("loaded %d users from the store", users)
+            log.info("loaded %d users from the store%s", users,
+                     f" ({cold} to be built from their stored text in the background)"
+                     if cold else "")
         self._apply(effects)
         self._startup_events.extend(e for e in effects if type(e) is EmitEvent)
 
-    async def _user_batches(self) -> AsyncIterator[Sequence[UserRecord]]:
+    async def _warm_cold(self) -> None:
+        """Build the users the load left cold (see ``Engine.load``), a slice per loop turn,
+        so that heartbeats, requests and the republish run in between and the first
+        messages after a restart seldom meet a user not built yet.
+
+        Each slice runs with the collector held off and, after a large load, is frozen
+        (``gc.freeze``) as the load was: a million devices' objects built with the collector
+        on would make it walk them again and again as they accumulate."""
+        engine = self.engine
+        total, began = self._cold_loaded
+        while engine.cold_users:
+            try:
+                with gc_paused():
+                    effects = engine.warm_some(WARM_SLICE)
+                    if self._frozen:
+                        gc.freeze()
+                if effects:
+                    self._apply(effects)
+            except Exception:  # the rest are still built when first needed
+                log.exception("building the users loaded from their stored text failed")
+                return
+            await asyncio.sleep(0)
+        log.info("built the %d users loaded from their stored text, %.2f s after the load",
+                 total, time.monotonic() - began)
+
+    async def _user_batches(self) -> AsyncIterator[Sequence[UserRecord | UserText]]:
         store = self.store
         if isinstance(store, BatchLoading):
-            async for batch in store.load_user_batches():
+            async for batch in store.load_user_batches(texts=True):
                 yield batch
         else:
             yield await store.load_users()

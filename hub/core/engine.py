@@ -88,6 +88,8 @@ from collections.abc import Iterable, Iterator, MutableSet, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pydantic import ValidationError
+
 from hub.core.events import (
     Ack,
     ActivityEvent,
@@ -119,6 +121,7 @@ from hub.core.models import (
     UserDoc,
     UserRecord,
     UserStatus,
+    UserText,
 )
 from hub.core.sortedset import SortedIdSet
 from hub.protocol import DeviceState, DeviceStatus, Status, UserState
@@ -287,6 +290,7 @@ class _User:
     __slots__ = (
         "active_device",
         "channels",
+        "cold",
         "custom_status",
         "devices",
         "id",
@@ -318,6 +322,34 @@ class _User:
         #: hash of :meth:`Engine._key` as last published (a hash, not the tuple: ~80 bytes
         #: less per device; two different keys with one 64-bit hash are not a practical risk)
         self.published_key: int | None = None
+        #: not built yet: the stored text it is built from when first needed (see _Cold)
+        self.cold: _Cold | None = None
+
+
+class _Cold:
+    """A user loaded from its stored text (:class:`~hub.core.models.UserText`) whose devices
+    are not built yet: each of them is connected and held in its restart grace, so nothing
+    about the user can change before the first hold ends. Its one heap entry (``due``: that
+    end) builds the user then, unless an event, a query or the service's background pass
+    (:meth:`Engine.warm_some`) needed it first. ``removed`` and ``due`` are what a heap entry
+    of a device has, so the timer loop treats both alike.
+    """
+
+    __slots__ = ("devices", "due", "forever", "hold", "removed", "seen", "text", "user")
+
+    def __init__(self, user: _User, text: bytes, seen: int, hold: int, devices: int) -> None:
+        self.user = user
+        self.text = text
+        #: the devices' last_seen, from which their holds count (the load's ``now``, or the
+        #: time the broker link came back)
+        self.seen = seen
+        #: held until the link is back (the hub lost its broker meanwhile)
+        self.forever = False
+        #: the shortest of its devices' timeouts: the first hold ends at ``seen + hold``
+        self.hold = hold
+        self.devices = devices
+        self.due: int | None = None
+        self.removed = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +362,8 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self._users: dict[str, _User] = {}
-        self._heap: list[tuple[int, int, _Device]] = []
+        #: (due, seq, device), or a user not built yet (see _Cold) at the end of its first hold
+        self._heap: list[tuple[int, int, _Device | _Cold]] = []
         #: the broker link is down: no device times out for silence (see hold_timeouts)
         self._timeouts_held = False
         self._seq = 0
@@ -369,6 +402,12 @@ class Engine:
         #: stored (:func:`digest_term`), before the load changed anything
         self.loaded_users = 0
         self.loaded_digest = 0
+        #: users loaded from their text and not built yet (see :class:`_Cold`), and the order
+        #: the background pass builds them in (built ones are skipped there)
+        self._cold: dict[str, _User] = {}
+        self._cold_order: list[_User] = []
+        self._cold_next = 0
+        self._cold_devices = 0
 
     def set_wall_offset(self, offset_ms: int) -> None:
         """Tell the engine the wall clock's lead over ``now`` (steps when NTP steps it)."""
@@ -395,6 +434,11 @@ class Engine:
         """The hot path: O(1), no allocation unless something visible changes."""
         user = self._users.get(ev.user)
         d = user.devices.get(ev.device) if user is not None else None
+        if d is None and user is not None and user.cold is not None:
+            # the first word from a user not built since the restart (never on the hot path
+            # again: a built user has its devices)
+            user = self._warm(user)
+            d = user.devices.get(ev.device) if user is not None else None
         if d is None or not d.connected or d.ended or d.session != ev.session:
             self._heartbeat_slow(ev, now)
             return self._drain()
@@ -491,6 +535,11 @@ class Engine:
             when, _, d = heapq.heappop(heap)
             if d.removed or d.due != when:
                 continue  # superseded entry
+            if isinstance(d, _Cold):
+                # a first hold ends: build the user; its devices' entries (due by now) are
+                # pushed and popped in this same pass
+                self._warm(d.user)
+                continue
             d.due = None
             u = d.user
             seen = d.last_seen
@@ -543,6 +592,8 @@ class Engine:
         if self._timeouts_held:
             return
         self._timeouts_held = True
+        for u in self._cold.values():
+            u.cold.forever = True  # type: ignore[union-attr]
         for u in self._users.values():
             for d in u.devices.values():
                 if d.connected and not d.virtual:
@@ -556,6 +607,12 @@ class Engine:
         if not self._timeouts_held:
             return
         self._timeouts_held = False
+        for u in self._cold.values():
+            c = u.cold
+            assert c is not None
+            c.seen = max(c.seen, now)
+            c.forever = False
+            self._schedule_cold(c, now)
         for u in self._users.values():
             for d in u.devices.values():
                 if d.connected and not d.virtual:
@@ -670,7 +727,7 @@ class Engine:
         self._device_changed(d, now)
 
     def _device_offline(self, ev: DeviceOffline, now: int) -> None:
-        user = self._users.get(ev.user)
+        user = self._get(ev.user)
         if user is None:
             # a user this hub does not know (storage=memory after a restart): the broker may
             # still hold an old retained "online" for them, so say what is true: offline
@@ -763,7 +820,7 @@ class Engine:
         virtual = device_id is None
         if device_id is None:
             device_id = ev.channel_id or "api"
-            existing = self._users.get(ev.user)
+            existing = self._get(ev.user)
             same = existing.devices.get(device_id) if existing is not None else None
             if same is not None and not same.virtual:
                 # a real device carries the channel's name: API activity is not its doing
@@ -896,7 +953,7 @@ class Engine:
         self._refresh_user(u, now, force=True)
 
     def _remove_device(self, ev: RemoveDevice, now: int) -> None:
-        user = self._users.get(ev.user)
+        user = self._get(ev.user)
         d = user.devices.pop(ev.device, None) if user else None
         if user is None or d is None:
             raise EngineError(f"user {ev.user!r} has no device {ev.device!r}")
@@ -912,7 +969,7 @@ class Engine:
         self._refresh_user(user, now)
 
     def _remove_user(self, ev: RemoveUser, now: int) -> None:
-        u = self._users.get(ev.user)
+        u = self._get(ev.user)
         if u is None:
             raise EngineError(f"unknown user {ev.user!r}")
         real = [d.id for d in u.devices.values() if not d.virtual]
@@ -1084,7 +1141,7 @@ class Engine:
     # ---------------------------------------------------------------- helpers
 
     def _user_for(self, user_id: str) -> _User:
-        u = self._users.get(user_id)
+        u = self._get(user_id)
         if u is None:
             u = self._users[user_id] = _User(user_id)
             if self._all is not None:
@@ -1096,7 +1153,7 @@ class Engine:
 
     def _known(self, user_id: str, device_id: str) -> _Device | None:
         """The device if the engine knows it (never creates one)."""
-        u = self._users.get(user_id)
+        u = self._get(user_id)
         return u.devices.get(device_id) if u is not None else None
 
     def _device_changed(self, d: _Device, now: int) -> None:
@@ -1165,15 +1222,15 @@ class Engine:
             yield u.id, u.status, u.custom_status, u.active_device, u.version
 
     def device_count(self) -> int:
-        return sum(len(u.devices) for u in self._users.values())
+        return sum(len(u.devices) for u in self._users.values()) + self._cold_devices
 
     def snapshot(self, user_id: str) -> UserState | None:
         """The user's state as published on ``P/users/{user}/state`` (None for unknown users)."""
-        u = self._users.get(user_id)
+        u = self._get(user_id)
         return self._snapshot(u) if u is not None else None
 
     def get_status(self, user_id: str) -> UserStatus:
-        u = self._users.get(user_id)
+        u = self._get(user_id)
         if u is None:
             return UserStatus(user_id=user_id, name=user_id, status=OFFLINE)
         last_seen = max((d.last_seen for d in u.devices.values() if d.last_seen is not None),
@@ -1191,7 +1248,7 @@ class Engine:
         )
 
     def get_devices(self, user_id: str) -> list[DeviceInfo]:
-        u = self._users.get(user_id)
+        u = self._get(user_id)
         if u is None:
             return []
         return [
@@ -1221,10 +1278,16 @@ class Engine:
                 return False
             if channel_id is None:
                 return True
-            seen = users[uid].channels.get(channel_id)
+            u = users[uid]
+            if u.cold is not None and self._warm(u) is None:
+                return False
+            seen = u.channels.get(channel_id)
             return seen is not None and seen >= cutoff
 
-        ids = (uid for uid in self._present if wanted(uid))
+        # with a channel, a user not built yet is built to read its channels, and one whose
+        # text turns out unreadable is dropped: so not while the set itself is iterated
+        present = self._present if channel_id is None else list(self._present)
+        ids = (uid for uid in present if wanted(uid))
         page = sorted(ids) if limit is None else heapq.nsmallest(limit, ids)
         for uid in page:
             u = users[uid]
@@ -1292,6 +1355,8 @@ class Engine:
             after = uid
             u = users[uid]
             if channel_id is not None:
+                if u.cold is not None and self._warm(u) is None:
+                    return page, uid  # dropped from the set iterated here: go on afresh
                 seen = u.channels.get(channel_id)
                 if seen is None or seen < cutoff:
                     continue
@@ -1303,7 +1368,7 @@ class Engine:
 
     def get_sync_status(self, user_id: str) -> SyncStatus:
         """Devices that can ack (not virtual) and how many acked the current version."""
-        u = self._users.get(user_id)
+        u = self._get(user_id)
         if u is None:
             return SyncStatus(user_id=user_id, version=0, synced=0, total=0)
         real = [d for d in u.devices.values() if not d.virtual]
@@ -1345,6 +1410,8 @@ class Engine:
     def forget_user(self, user_id: str) -> None:
         u = self._users.pop(user_id, None)
         if u is not None:
+            if u.cold is not None:
+                self._drop_cold(u)
             for d in u.devices.values():
                 d.removed = True
             self._present.discard(user_id)
@@ -1356,6 +1423,7 @@ class Engine:
         """The user as a store keeps it (the fields of ``UserRecord``, in its order), with
         no model built: see :class:`UserDoc`. Times are stored as wall-clock epoch ms (the
         monotonic ``now`` starts anew with every process)."""
+        assert u.cold is None, "a user changes only once built"
         wall = self._wall
         devices = []
         for d in u.devices.values():
@@ -1393,7 +1461,7 @@ class Engine:
             "removed": False,
         })
 
-    def load(self, records: Iterable[UserRecord], now: int,
+    def load(self, records: Iterable[UserRecord | UserText], now: int,
              crashed: bool = False) -> Sequence[Effect]:
         """Rebuild state from a store at start-up.
 
@@ -1408,102 +1476,244 @@ class Engine:
         primary again). Millions of long-lived
         objects, none garbage: the caller holds the garbage collector off around it.
 
+        A :class:`~hub.core.models.UserText` (a stored text with the fields a restart needs
+        read off it) is loaded *cold*: the user is known, present or not, with its version,
+        name, primary and custom status, but its devices are built from the text only when
+        first needed (an event or query about the user, the end of its first hold, or
+        :meth:`warm_some`), with the same ``now``; until then it behaves exactly as if built
+        here. At a million devices this is the difference between a restart of 25 s and one
+        of a few seconds (see ``UserText``). A text that turns out not to be a valid record
+        when it is built is dropped then, as a bad record is skipped here.
+
         ``crashed``: the last run did not stop cleanly, so it may have published versions the
         store never saw; every user then starts at its reservation (published again with that
         version at start), and no version is ever published twice with different contents.
         """
         loaded: dict[str, _User] = {}
         bumped: list[str] = []
-        wall = self._wall
-        intern = sys.intern
-        new_device = _Device.__new__
-        default_timeout = self._timeout
         digest = self.loaded_digest
+        users = self._users
+        present = self._present
+        cold = self._cold
+        cold_order = self._cold_order
+        default_timeout = self._timeout
+        count = 0
         for rec in records:
+            if type(rec) is UserText:
+                if not (crashed and rec.version_reserved > rec.version):
+                    count += 1
+                    digest += digest_term(rec.id, rec.version)
+                    old = users.get(rec.id)
+                    if old is not None:
+                        self._drop_old(old)
+                    u = _User(rec.id, rec.name)
+                    u.status = rec.status
+                    u.custom_status = rec.custom_status
+                    u.active_device = rec.active_device
+                    u.version = rec.version
+                    u.reserved = rec.version_reserved
+                    hold = rec.min_timeout
+                    if hold is None or (rec.uses_default and default_timeout < hold):
+                        hold = default_timeout
+                    c = u.cold = _Cold(u, rec.text, now, hold, rec.devices)
+                    self._cold_devices += rec.devices
+                    cold[u.id] = u
+                    cold_order.append(u)
+                    self._schedule_cold(c, now)
+                    if u.status != OFFLINE:
+                        present.add(u.id)
+                    else:
+                        present.discard(u.id)
+                    users[u.id] = u
+                    if old is None and self._all is not None:
+                        self._all.add(u.id)
+                    self._dirty.discard(u.id)
+                    continue
+                try:  # its version moves at once: built now
+                    rec = rec.record()
+                except ValidationError as exc:
+                    log.warning("skipping unreadable user %r: %s", rec.id,
+                                exc.errors(include_url=False)[:3])
+                    continue
+            assert isinstance(rec, UserRecord)
             if rec.removed:  # a tombstone: only its version matters
                 self._tombstones[rec.id] = max(rec.version, rec.version_reserved)
                 continue
+            count += 1
             digest += digest_term(rec.id, rec.version)
-            old = self._users.get(rec.id)
-            if old is not None:  # loading over live state: the old devices' heap entries die
-                for d in old.devices.values():
-                    d.removed = True
+            old = users.get(rec.id)
+            if old is not None:
+                self._drop_old(old)
             u = _User(rec.id, rec.name)
-            u.manual_status = rec.manual_status
-            u.custom_status = rec.custom_status
-            u.status = rec.status
-            u.active_device = rec.active_device
-            u.version = rec.version
-            u.reserved = rec.version_reserved
+            self._fill(u, rec, now, False)
             if crashed and u.reserved > u.version:
                 u.version = u.reserved
                 u.reserved = u.version + VERSION_RESERVE
                 bumped.append(u.id)
-            u.last_sync = rec.last_sync
-            u.channels = ({c: t - wall for c, t in rec.channels.items()} if rec.channels
-                          else _NO_CHANNELS)
-            devices = u.devices
-            for dr in rec.devices:
-                # every slot set once, here (not _Device.__init__'s defaults first: a restart
-                # builds a million of these); ids and names interned, as _device_for does
-                # (a store that parses with json.loads makes a new string for each)
-                d = new_device(_Device)
-                d.user = u
-                d.id = device_id = intern(dr.id)
-                d.name = intern(dr.name)
-                d.virtual = virtual = dr.virtual
-                d.connected = connected = dr.connected and not virtual
-                d.session = dr.session
-                d.ended = dr.ended
-                d.status = dr.status
-                seen = dr.last_seen
-                d.last_seen = now if connected else (None if seen is None else seen - wall)
-                li = dr.last_interaction
-                d.last_interaction = d.saved_li = None if li is None else li - wall
-                d.acked_version = dr.acked_version
-                d.timeout = timeout = dr.timeout_ms
-                sleep = dr.sleep_until
-                d.sleep_until = None if sleep is None else sleep - wall
-                d.born_ts = dr.born_ts
-                d.due = None
-                d.removed = False
-                d.will_due = None
-                d.hold_until = (now + (timeout or default_timeout) if connected or virtual
-                                else None)
-                devices[device_id] = d
-            # the published key of the stored state, so an unchanged user keeps its version
-            u.published_key = hash(self._key(u))
             if u.status != OFFLINE:
-                self._present.add(u.id)
+                present.add(u.id)
             else:
-                self._present.discard(u.id)
-            self._users[u.id] = u
+                present.discard(u.id)
+            users[u.id] = u
             if old is None and self._all is not None:
                 self._all.add(u.id)
             loaded[u.id] = u
         self.loaded_digest = digest & DIGEST_MASK
-        self.loaded_users += len(loaded)
+        self.loaded_users += count
         self._dirty.difference_update(loaded)  # the store holds exactly what was just read
         self._dirty.update(bumped)  # ... except the versions a crash moved up
-        refresh_device = self._refresh_device
-        schedule = self._schedule
         for u in loaded.values():
-            changed = False
-            for d in u.devices.values():
-                if d.hold_until is not None:
-                    schedule(d, now)  # held: its status stands until heard or the grace ends
-                else:
-                    changed = refresh_device(d, now) or changed
-            # a user is derived from its devices: if none changed, the record (one consistent
-            # snapshot written by this engine) already holds its status and primary, and
-            # re-deriving them was half of a restart's engine time (1M devices)
-            if changed or u.status != self._user_status(u) or (
-                    u.active_device is not None and u.active_device not in u.devices):
-                self._refresh_user(u, now)
+            self._settle(u, now, now)
         effects = self._drain()
         self.crashed_at_load = self.crashed_at_load or crashed
         self.changed_at_load.update(e.user_id for e in effects if type(e) is PublishState)
         return effects
+
+    def _fill(self, u: _User, rec: UserRecord, seen: int, forever: bool) -> None:
+        """Set a loaded user's fields and build its devices from its record: connected ones
+        were last seen at ``seen`` and are held one timeout from it (until the link is back
+        when ``forever``)."""
+        wall = self._wall
+        intern = sys.intern
+        new_device = _Device.__new__
+        default_timeout = self._timeout
+        u.manual_status = rec.manual_status
+        u.custom_status = rec.custom_status
+        u.status = rec.status
+        u.active_device = rec.active_device
+        u.version = rec.version
+        u.reserved = rec.version_reserved
+        u.last_sync = rec.last_sync
+        u.channels = ({c: t - wall for c, t in rec.channels.items()} if rec.channels
+                      else _NO_CHANNELS)
+        devices = u.devices
+        for dr in rec.devices:
+            # every slot set once, here (not _Device.__init__'s defaults first: a restart
+            # builds a million of these); ids and names interned, as _device_for does
+            # (a store that parses with json.loads makes a new string for each)
+            d = new_device(_Device)
+            d.user = u
+            d.id = device_id = intern(dr.id)
+            d.name = intern(dr.name)
+            d.virtual = virtual = dr.virtual
+            d.connected = connected = dr.connected and not virtual
+            d.session = dr.session
+            d.ended = dr.ended
+            d.status = dr.status
+            last_seen = dr.last_seen
+            d.last_seen = seen if connected else (None if last_seen is None else last_seen - wall)
+            li = dr.last_interaction
+            d.last_interaction = d.saved_li = None if li is None else li - wall
+            d.acked_version = dr.acked_version
+            d.timeout = timeout = dr.timeout_ms
+            sleep = dr.sleep_until
+            d.sleep_until = None if sleep is None else sleep - wall
+            d.born_ts = dr.born_ts
+            d.due = None
+            d.removed = False
+            d.will_due = None
+            d.hold_until = (
+                (_FOREVER if forever and connected else seen + (timeout or default_timeout))
+                if connected or virtual else None)
+            devices[device_id] = d
+        # the published key of the stored state, so an unchanged user keeps its version
+        u.published_key = hash(self._key(u))
+
+    def _settle(self, u: _User, loaded_at: int, now: int) -> None:
+        """A user just built from its record: start its devices' timers as of ``loaded_at``
+        (held ones from their hold) and re-derive it where its devices or record say so."""
+        changed = False
+        for d in u.devices.values():
+            if d.hold_until is not None:
+                self._schedule(d, loaded_at)  # held: stands until heard or the grace ends
+            else:
+                changed = self._refresh_device(d, now) or changed
+        # a user is derived from its devices: if none changed, the record (one consistent
+        # snapshot written by this engine) already holds its status and primary, and
+        # re-deriving them was half of a restart's engine time (1M devices)
+        if changed or u.status != self._user_status(u) or (
+                u.active_device is not None and u.active_device not in u.devices):
+            self._refresh_user(u, now)
+
+    def _drop_old(self, old: _User) -> None:
+        """Loading over live state: the old user's heap entries die."""
+        if old.cold is not None:
+            self._drop_cold(old)
+        for d in old.devices.values():
+            d.removed = True
+
+    # ---------------------------------------------------------------- users not built yet
+
+    @property
+    def cold_users(self) -> int:
+        """Users loaded from their text whose devices are not built yet (see :meth:`load`)."""
+        return len(self._cold)
+
+    def warm_some(self, limit: int) -> Sequence[Effect]:
+        """Build up to ``limit`` users loaded cold (the service calls this a slice per loop
+        turn after a start, so the first heartbeats and queries after a restart seldom pay
+        for it, and the work is done before anyone asks). Returns what building found."""
+        order = self._cold_order
+        i = self._cold_next
+        built = 0
+        while built < limit and i < len(order):
+            u = order[i]
+            i += 1
+            if u.cold is not None:
+                self._warm(u)
+                built += 1
+        self._cold_next = i
+        if i >= len(order):
+            self._cold_order = []
+            self._cold_next = 0
+        return self._drain()
+
+    def _get(self, user_id: str) -> _User | None:
+        """The user, built if it was loaded cold; None if unknown (or unreadable)."""
+        u = self._users.get(user_id)
+        if u is not None and u.cold is not None:
+            return self._warm(u)
+        return u
+
+    def _warm(self, u: _User) -> _User | None:
+        """Build a user loaded cold from its text, as :meth:`load` would have built it.
+
+        A text that is not a valid record after all (a hand edit the quick read could not
+        see) drops the user, named in the log, as load skips such a record; one of the same
+        id that comes back continues above the versions it had (a tombstone's floor).
+        """
+        c = u.cold
+        assert c is not None
+        self._drop_cold(u)
+        try:
+            rec = UserRecord.model_validate_json(c.text)
+        except ValidationError as exc:
+            log.warning("skipping unreadable user %r: %s", u.id,
+                        exc.errors(include_url=False)[:3])
+            self.forget_user(u.id)
+            self._tombstones[u.id] = max(u.version, u.reserved)
+            return None
+        self._fill(u, rec, c.seen, c.forever)
+        self._settle(u, c.seen, c.seen)
+        return u
+
+    def _drop_cold(self, u: _User) -> None:
+        c = u.cold
+        assert c is not None
+        u.cold = None
+        c.removed = True  # its heap entry is void
+        del self._cold[u.id]
+        self._cold_devices -= c.devices
+
+    def _schedule_cold(self, c: _Cold, now: int) -> None:
+        """The cold user's heap entry at the end of its first hold (none while held forever)."""
+        if c.forever:
+            return
+        when = max(c.seen + c.hold, now)
+        if c.due is None or when < c.due:
+            c.due = when
+            self._seq += 1
+            heapq.heappush(self._heap, (when, self._seq, c))
 
 
 _HANDLERS: Final[dict[type, Any]] = {
