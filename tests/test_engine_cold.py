@@ -21,7 +21,7 @@ from typing import Any
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from hub.core import Birth, Effect, Engine, EngineError, Event
+from hub.core import Birth, DeviceTimedOut, Effect, Engine, EngineError, Event
 from hub.core.events import Ack, RemoveUser
 from hub.core.models import UserRecord, UserText
 from tests.test_engine_properties import CHANNELS, CONFIG, DEVICES, T0, USERS, actions, expand
@@ -154,3 +154,37 @@ def test_cold_and_built_users_behave_alike(history: list[Any], connect_all: bool
     assert everything(cold, now) == everything(built, now)
     assert cold.cold_users == 0
     assert dirty_texts(cold) == dirty_texts(built)
+
+
+def test_a_mass_end_of_holds_builds_cold_users_a_slice_at_a_time() -> None:
+    """Ticks with a limit (as the hub ticks a storm) build a group's users a slice at a time
+    and end where one unlimited tick of a plain engine ends."""
+    engine = Engine(CONFIG)
+    for k in range(7):
+        engine.handle(Birth(f"u{k}", "a", "s1", None), T0)
+        engine.handle(Birth(f"u{k}", "b", "s1", None), T0)
+    texts = [doc.to_json() for doc in engine.take_dirty_docs()]
+    now = T0 + 1_000
+    built, cold = Engine(CONFIG), Engine(CONFIG)
+    built.load([UserRecord.model_validate_json(t) for t in texts], now)
+    cold.load([UserText.read(t) for t in texts], now)  # type: ignore[misc]
+    assert cold.cold_users == 7
+    now += CONFIG.timeout_ms
+    expected = by_user(list(built.tick(now)))
+    got: list[Effect] = []
+    slices = 0
+    while (due := cold.next_deadline()) is not None and due <= now:
+        got += cold.tick(now, limit=3)
+        slices += 1
+    assert slices > 3 and cold.cold_users == 0
+    # the same timeouts and the same statuses (not the same versions: a user whose devices
+    # fall in two slices publishes twice, built cold or not; see Engine.tick)
+    def timeouts(effects: list[Effect]) -> list[Effect]:
+        return sorted((e for e in effects if type(e) is DeviceTimedOut), key=repr)
+
+    assert len(timeouts(got)) == 14
+    assert timeouts(got) == timeouts([e for es in expected.values() for e in es])
+    for engine in (built, cold):
+        assert {(u, engine.get_status(u).status) for u in engine.user_ids()} == {
+            (f"u{k}", "offline") for k in range(7)}
+        assert {d.status for u in engine.user_ids() for d in engine.get_devices(u)} == {"offline"}

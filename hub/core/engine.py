@@ -322,32 +322,34 @@ class _User:
         #: hash of :meth:`Engine._key` as last published (a hash, not the tuple: ~80 bytes
         #: less per device; two different keys with one 64-bit hash are not a practical risk)
         self.published_key: int | None = None
-        #: not built yet: the stored text it is built from when first needed (see _Cold)
+        #: not built yet: its group (see _Cold); its text is in Engine._cold
         self.cold: _Cold | None = None
 
 
 class _Cold:
-    """A user loaded from its stored text (:class:`~hub.core.models.UserText`) whose devices
-    are not built yet: each of them is connected and held in its restart grace, so nothing
-    about the user can change before the first hold ends. Its one heap entry (``due``: that
-    end) builds the user then, unless an event, a query or the service's background pass
-    (:meth:`Engine.warm_some`) needed it first. ``removed`` and ``due`` are what a heap entry
-    of a device has, so the timer loop treats both alike.
+    """Users loaded from their stored text (:class:`~hub.core.models.UserText`) whose devices
+    are not built yet, all with the same first hold: every device of each is connected and
+    held in its restart grace, so nothing about them can change before ``seen + hold``. The
+    group's one heap entry (``due``: that time) builds them then, a slice per tick, unless an
+    event, a query or the service's background pass (:meth:`Engine.warm_some`) needed one
+    first. ``removed`` and ``due`` are what a device's heap entry has, so the timer loop
+    treats both alike. One group for all the users of a hold, not an entry each: a million
+    devices' restart spent a second and 75 MB on entries that were all due together.
     """
 
-    __slots__ = ("devices", "due", "forever", "hold", "removed", "seen", "text", "user")
+    __slots__ = ("due", "forever", "hold", "next", "removed", "seen", "users")
 
-    def __init__(self, user: _User, text: bytes, seen: int, hold: int, devices: int) -> None:
-        self.user = user
-        self.text = text
+    def __init__(self, seen: int, hold: int) -> None:
         #: the devices' last_seen, from which their holds count (the load's ``now``, or the
         #: time the broker link came back)
         self.seen = seen
+        #: the shortest of each user's devices' timeouts: the first hold ends at seen + hold
+        self.hold = hold
         #: held until the link is back (the hub lost its broker meanwhile)
         self.forever = False
-        #: the shortest of its devices' timeouts: the first hold ends at ``seen + hold``
-        self.hold = hold
-        self.devices = devices
+        #: the users, in load order; those before ``next`` are built (or gone)
+        self.users: list[_User] = []
+        self.next = 0
         self.due: int | None = None
         self.removed = False
 
@@ -402,11 +404,10 @@ class Engine:
         #: stored (:func:`digest_term`), before the load changed anything
         self.loaded_users = 0
         self.loaded_digest = 0
-        #: users loaded from their text and not built yet (see :class:`_Cold`), and the order
-        #: the background pass builds them in (built ones are skipped there)
-        self._cold: dict[str, _User] = {}
-        self._cold_order: list[_User] = []
-        self._cold_next = 0
+        #: users loaded from their text and not built yet: id -> stored text (see _Cold)
+        self._cold: dict[str, bytes] = {}
+        #: their groups (a group per first hold), in load order
+        self._cold_groups: list[_Cold] = []
         self._cold_devices = 0
 
     def set_wall_offset(self, offset_ms: int) -> None:
@@ -536,9 +537,20 @@ class Engine:
             if d.removed or d.due != when:
                 continue  # superseded entry
             if isinstance(d, _Cold):
-                # a first hold ends: build the user; its devices' entries (due by now) are
-                # pushed and popped in this same pass
-                self._warm(d.user)
+                # a first hold ends: build the group's users (each counts as an entry); their
+                # devices' entries, due by now, are pushed and popped in this same pass
+                d.due = None
+                users = d.users
+                while d.next < len(users) and budget:
+                    u = users[d.next]
+                    d.next += 1
+                    if u.cold is d:
+                        self._warm(u)
+                        budget -= 1
+                if d.next < len(users):  # the limit: the rest on the next slice
+                    self._schedule_cold(d, when)
+                else:
+                    self._end_cold(d)
                 continue
             d.due = None
             u = d.user
@@ -592,8 +604,8 @@ class Engine:
         if self._timeouts_held:
             return
         self._timeouts_held = True
-        for u in self._cold.values():
-            u.cold.forever = True  # type: ignore[union-attr]
+        for g in self._cold_groups:
+            g.forever = True
         for u in self._users.values():
             for d in u.devices.values():
                 if d.connected and not d.virtual:
@@ -607,12 +619,10 @@ class Engine:
         if not self._timeouts_held:
             return
         self._timeouts_held = False
-        for u in self._cold.values():
-            c = u.cold
-            assert c is not None
-            c.seen = max(c.seen, now)
-            c.forever = False
-            self._schedule_cold(c, now)
+        for g in self._cold_groups:
+            g.seen = max(g.seen, now)
+            g.forever = False
+            self._schedule_cold(g, now)
         for u in self._users.values():
             for d in u.devices.values():
                 if d.connected and not d.virtual:
@@ -1495,7 +1505,8 @@ class Engine:
         users = self._users
         present = self._present
         cold = self._cold
-        cold_order = self._cold_order
+        groups: dict[int, _Cold] = {}
+        new_user = _User.__new__
         default_timeout = self._timeout
         count = 0
         for rec in records:
@@ -1506,20 +1517,30 @@ class Engine:
                     old = users.get(rec.id)
                     if old is not None:
                         self._drop_old(old)
-                    u = _User(rec.id, rec.name)
-                    u.status = rec.status
+                    # every slot set once (not __init__'s defaults first: a million users)
+                    u = new_user(_User)
+                    u.id = rec.id
+                    u.name = rec.name
+                    u.devices = {}
+                    u.manual_status = None  # set when built (it may be dnd, not derived)
                     u.custom_status = rec.custom_status
+                    u.status = rec.status
                     u.active_device = rec.active_device
                     u.version = rec.version
                     u.reserved = rec.version_reserved
+                    u.last_sync = None
+                    u.channels = _NO_CHANNELS
+                    u.published_key = None
                     hold = rec.min_timeout
                     if hold is None or (rec.uses_default and default_timeout < hold):
                         hold = default_timeout
-                    c = u.cold = _Cold(u, rec.text, now, hold, rec.devices)
+                    g = groups.get(hold)
+                    if g is None:
+                        g = groups[hold] = self._cold_group(now, hold)
+                    u.cold = g
+                    g.users.append(u)
+                    cold[u.id] = rec.text
                     self._cold_devices += rec.devices
-                    cold[u.id] = u
-                    cold_order.append(u)
-                    self._schedule_cold(c, now)
                     if u.status != OFFLINE:
                         present.add(u.id)
                     else:
@@ -1653,19 +1674,19 @@ class Engine:
         """Build up to ``limit`` users loaded cold (the service calls this a slice per loop
         turn after a start, so the first heartbeats and queries after a restart seldom pay
         for it, and the work is done before anyone asks). Returns what building found."""
-        order = self._cold_order
-        i = self._cold_next
         built = 0
-        while built < limit and i < len(order):
-            u = order[i]
-            i += 1
-            if u.cold is not None:
-                self._warm(u)
-                built += 1
-        self._cold_next = i
-        if i >= len(order):
-            self._cold_order = []
-            self._cold_next = 0
+        groups = self._cold_groups
+        while groups and built < limit:
+            g = groups[0]
+            users = g.users
+            while g.next < len(users) and built < limit:
+                u = users[g.next]
+                g.next += 1
+                if u.cold is g:
+                    self._warm(u)
+                    built += 1
+            if g.next >= len(users):
+                self._end_cold(g)
         return self._drain()
 
     def _get(self, user_id: str) -> _User | None:
@@ -1682,38 +1703,51 @@ class Engine:
         see) drops the user, named in the log, as load skips such a record; one of the same
         id that comes back continues above the versions it had (a tombstone's floor).
         """
-        c = u.cold
-        assert c is not None
-        self._drop_cold(u)
+        g = u.cold
+        assert g is not None
+        text = self._drop_cold(u)
         try:
-            rec = UserRecord.model_validate_json(c.text)
+            rec = UserRecord.model_validate_json(text)
         except ValidationError as exc:
             log.warning("skipping unreadable user %r: %s", u.id,
                         exc.errors(include_url=False)[:3])
             self.forget_user(u.id)
             self._tombstones[u.id] = max(u.version, u.reserved)
             return None
-        self._fill(u, rec, c.seen, c.forever)
-        self._settle(u, c.seen, c.seen)
+        self._fill(u, rec, g.seen, g.forever)
+        self._settle(u, g.seen, g.seen)
         return u
 
-    def _drop_cold(self, u: _User) -> None:
-        c = u.cold
-        assert c is not None
+    def _drop_cold(self, u: _User) -> bytes:
+        """The user is not cold any more (built, forgotten or loaded over): its text."""
         u.cold = None
-        c.removed = True  # its heap entry is void
-        del self._cold[u.id]
-        self._cold_devices -= c.devices
+        text = self._cold.pop(u.id)
+        # the quick read counted exactly these (UserText.read: each device starts so)
+        self._cold_devices -= text.count(b'{"id":"')
+        return text
 
-    def _schedule_cold(self, c: _Cold, now: int) -> None:
-        """The cold user's heap entry at the end of its first hold (none while held forever)."""
-        if c.forever:
+    def _cold_group(self, seen: int, hold: int) -> _Cold:
+        """The group of cold users held from ``seen`` for ``hold``, with its heap entry."""
+        g = _Cold(seen, hold)
+        self._cold_groups.append(g)
+        self._schedule_cold(g, seen)
+        return g
+
+    def _end_cold(self, g: _Cold) -> None:
+        """Every user of the group is built (or gone): its entry is void, it is forgotten."""
+        g.removed = True
+        g.users = []
+        self._cold_groups.remove(g)
+
+    def _schedule_cold(self, g: _Cold, now: int) -> None:
+        """The group's heap entry at the end of its first hold (none while held forever)."""
+        if g.forever:
             return
-        when = max(c.seen + c.hold, now)
-        if c.due is None or when < c.due:
-            c.due = when
+        when = max(g.seen + g.hold, now)
+        if g.due is None or when < g.due:
+            g.due = when
             self._seq += 1
-            heapq.heappush(self._heap, (when, self._seq, c))
+            heapq.heappush(self._heap, (when, self._seq, g))
 
 
 _HANDLERS: Final[dict[type, Any]] = {

@@ -183,13 +183,13 @@ StoredUser = UserRecord | UserDoc
 
 
 #: a string of the texts :class:`UserText` reads: nothing escaped in it (no backslash), so its
-#: text is its value
-_STR = rb'"[^"\\]*"'
+#: text is its value (possessive, ``*+``: nothing to backtrack into, a third faster)
+_STR = rb'"[^"\\]*+"'
 _INT = rb'-?(?:0|[1-9][0-9]{0,17})'
 _UINT = rb'(?:0|[1-9][0-9]{0,17})'
 #: one device as :meth:`UserRecord.to_json` writes it, connected and not virtual
 _DEVICE = (
-    rb'\{"id":"[^"\\]+","name":' + _STR + rb',"virtual":false,"session":(?:null|' + _STR
+    rb'\{"id":"[^"\\]++","name":' + _STR + rb',"virtual":false,"session":(?:null|' + _STR
     + rb'),"connected":true,"ended":(?:true|false),"status":"(?:online|away|offline)",'
     rb'"last_seen":(?:null|' + _INT + rb'),"last_interaction":(?:null|' + _INT
     + rb'),"acked_version":' + _UINT + rb',"timeout_ms":(?:null|[1-9][0-9]{0,11}),'
@@ -198,7 +198,7 @@ _DEVICE = (
 #: a user document exactly as :meth:`UserRecord.to_json` writes it (fields in the model's
 #: order, compact), with every device connected and real; what a restart needs is captured
 _USER_TEXT = re.compile(
-    rb'\{"schema":1,"id":"([^"\\]+)","name":(' + _STR + rb'),'
+    rb'\{"schema":1,"id":"([^"\\]++)","name":(' + _STR + rb'),'
     rb'"status":"(online|away|dnd|offline)","manual_status":(null|"(?:online|away|dnd|offline)"),'
     rb'"custom_status":(null|' + _STR + rb'),"active_device":(null|' + _STR + rb'),'
     rb'"version":(' + _UINT + rb'),"version_reserved":(' + _UINT + rb'),"last_seen":(?:null|' + _INT
@@ -269,24 +269,27 @@ class UserText:
                 text.decode()
             except UnicodeDecodeError:
                 return None
-        user_id, name, status, manual, custom, active, version, reserved, devices = m.groups()
-        online = b'"status":"online"' in devices
-        if online or b'"status":"away"' in devices:
+        user_id, name, status, manual, custom, active, version, reserved = m.group(
+            1, 2, 3, 4, 5, 6, 7, 8)
+        lo, hi = m.span(9)
+        find = text.find
+        online = find(b'"status":"online"', lo, hi) >= 0
+        if online or find(b'"status":"away"', lo, hi) >= 0:
             derived = manual if manual != b"null" else b'"online"' if online else b'"away"'
         else:
             derived = b'"offline"'
         if derived[1:-1] != status:
             return None  # not a state this engine writes: validated and re-derived at load
-        if active != b"null" and b'{"id":%s,' % active not in devices:
+        if active != b"null" and find(b'{"id":%s,' % active, lo, hi) < 0:
             return None
-        n = devices.count(b'{"id":"')
-        defaults = devices.count(b'"timeout_ms":null')
+        n = text.count(b'{"id":"', lo, hi)
+        defaults = text.count(b'"timeout_ms":null', lo, hi)
         return cls(
             text, user_id.decode(), name[1:-1].decode(), _STATUS[status],
             None if custom == b"null" else custom[1:-1].decode(),
             None if active == b"null" else active[1:-1].decode(),
             int(version), int(reserved), n,
-            min(map(int, _ANNOUNCED.findall(devices))) if defaults < n else None,
+            min(map(int, _ANNOUNCED.findall(text, lo, hi))) if defaults < n else None,
             defaults > 0,
         )
 
