@@ -174,7 +174,7 @@ def test_a_mass_end_of_holds_builds_cold_users_a_slice_at_a_time() -> None:
     got: list[Effect] = []
     slices = 0
     while (due := cold.next_deadline()) is not None and due <= now:
-        got += cold.tick(now, limit=3)
+        got += cold.tick(now, limit=1)
         slices += 1
     assert slices > 3 and cold.cold_users == 0
     # the same timeouts and the same statuses (not the same versions: a user whose devices

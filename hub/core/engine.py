@@ -541,11 +541,13 @@ class Engine:
                 # devices' entries, due by now, are pushed and popped in this same pass
                 d.due = None
                 users = d.users
-                while d.next < len(users) and budget:
+                built = 0
+                while d.next < len(users) and (budget or not built):  # one at least
                     u = users[d.next]
                     d.next += 1
                     if u.cold is d:
                         self._warm(u)
+                        built += 1
                         budget -= 1
                 if d.next < len(users):  # the limit: the rest on the next slice
                     self._schedule_cold(d, when)
