@@ -542,13 +542,14 @@ class Engine:
                 d.due = None
                 users = d.users
                 built = 0
-                while d.next < len(users) and (budget or not built):  # one at least
+                while d.next < len(users) and (budget != 0 or not built):  # one at least
                     u = users[d.next]
                     d.next += 1
                     if u.cold is d:
                         self._warm(u)
                         built += 1
-                        budget -= 1
+                        if budget > 0:  # (-1: no limit)
+                            budget -= 1
                 if d.next < len(users):  # the limit: the rest on the next slice
                     self._schedule_cold(d, when)
                 else:
