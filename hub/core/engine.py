@@ -1506,7 +1506,6 @@ class Engine:
         bumped: list[str] = []
         digest = self.loaded_digest
         users = self._users
-        present = self._present
         cold = self._cold
         groups: dict[int, _Cold] = {}
         new_user = _User.__new__
@@ -1544,13 +1543,7 @@ class Engine:
                     g.users.append(u)
                     cold[u.id] = rec.text
                     self._cold_devices += rec.devices
-                    if u.status != OFFLINE:
-                        present.add(u.id)
-                    else:
-                        present.discard(u.id)
-                    users[u.id] = u
-                    if old is None and self._all is not None:
-                        self._all.add(u.id)
+                    self._place(u, old is None)
                     self._dirty.discard(u.id)
                     continue
                 try:  # its version moves at once: built now
@@ -1574,13 +1567,7 @@ class Engine:
                 u.version = u.reserved
                 u.reserved = u.version + VERSION_RESERVE
                 bumped.append(u.id)
-            if u.status != OFFLINE:
-                present.add(u.id)
-            else:
-                present.discard(u.id)
-            users[u.id] = u
-            if old is None and self._all is not None:
-                self._all.add(u.id)
+            self._place(u, old is None)
             loaded[u.id] = u
         self.loaded_digest = digest & DIGEST_MASK
         self.loaded_users += count
@@ -1592,6 +1579,17 @@ class Engine:
         self.crashed_at_load = self.crashed_at_load or crashed
         self.changed_at_load.update(e.user_id for e in effects if type(e) is PublishState)
         return effects
+
+    def _place(self, u: _User, new: bool) -> None:
+        """A loaded user takes its place: in the users, the present ones if it is, and the
+        index of all ids (if kept) when it is ``new`` (not loaded over a live one)."""
+        if u.status != OFFLINE:
+            self._present.add(u.id)
+        else:
+            self._present.discard(u.id)
+        self._users[u.id] = u
+        if new and self._all is not None:
+            self._all.add(u.id)
 
     def _fill(self, u: _User, rec: UserRecord, seen: int, forever: bool) -> None:
         """Set a loaded user's fields and build its devices from its record: connected ones
