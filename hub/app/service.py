@@ -243,8 +243,6 @@ class PresenceService:
         await self._load()
         self._wake = asyncio.Event()
         self._runner = asyncio.create_task(self._run(), name="presence-clock")
-        if self.engine.cold_users:
-            self._warming = asyncio.create_task(self._warm_cold(), name="presence-load")
         self._started = True
         started: list[Resource] = []
         try:
@@ -260,6 +258,10 @@ class PresenceService:
             finally:
                 self._resources = kept
             raise
+        if self.engine.cold_users:
+            # after the transport is up: its connection and subscriptions (the hub's
+            # readiness) do not wait behind slices of this pass (10k devices: 0.2-0.5 s)
+            self._warming = asyncio.create_task(self._warm_cold(), name="presence-load")
         startup, self._startup_events = self._startup_events, []
         for eff in startup:  # status changes found at load reach P/events too
             for sink in self._sinks:
