@@ -41,12 +41,13 @@ def test_a_long_interval_device_is_timed_out_on_its_own_interval(world: World) -
     d.heartbeat(idle_ms=0)
     w.watcher.wait_status("meter", "online")
     # a probe born after the meter and silent since: once the hub times it out, the hub's
-    # own timeout has passed for the meter too, which must still be online
+    # own timeout has passed for the meter too, which must still be connected (online, or
+    # away if a loaded machine let its 2 s idle clock run out first: a true change)
     probe = w.device("zz", "probe")
     probe.online()
     probe.heartbeat(idle_ms=0)
     w.watcher.wait_status("zz", "offline", timeout=10)
-    assert w.watcher.status("meter") == "online"
+    assert w.watcher.status("meter") in ("online", "away")
     w.watcher.wait_status("meter", "offline", timeout=15)  # silent past 2.5 x its interval
     # (its idle clock turns it away after 2 s on the way: a true change, not a timeout)
     assert changes(w, "meter") == [("offline", "online"), ("online", "away"), ("away", "offline")]
