@@ -32,6 +32,8 @@ future_actions = st.one_of(
     st.tuples(st.just("release")),  # the history, as a cold user's hold has its own state
     st.builds(RemoveUser, st.sampled_from(USERS)),
     st.tuples(st.just("warm"), st.integers(1, 2)),
+    # an NTP step of the wall clock (stored times are wall-clock; the engine's are not)
+    st.tuples(st.just("wall"), st.sampled_from([-3_600_000, -5_000, 5_000, 3_600_000])),
     st.tuples(st.just("query"), st.sampled_from(USERS)),
 )
 
@@ -98,6 +100,10 @@ def dirty_texts(engine: Engine) -> list[bytes]:
 # the link drops while users are cold: their holds last until it is back (not one timeout)
 @example(history=[Birth("u1", "a", "s1", None)], connect_all=False, gap=0, crashed=False,
          future=[("hold",), ("advance", 12_000), ("tick",)])
+# a step of the wall clock before a cold user is built: its stored (wall-clock) times are
+# read as of the load, as a plain load read them
+@example(history=[Birth("u1", "a", "s1", None)], connect_all=False, gap=0, crashed=False,
+         future=[("wall", 3_600_000), ("advance", 1_000), ("tick",), ("query", "u1")])
 # ... and when it is back, their holds count from then, not from the load
 @example(history=[Birth("u1", "a", "s1", None)], connect_all=False, gap=0, crashed=False,
          future=[("hold",), ("advance", 1_000), ("release",), ("advance", 2_000), ("tick",)])
@@ -120,6 +126,7 @@ def test_cold_and_built_users_behave_alike(history: list[Any], connect_all: bool
     # the restart: one engine from records, one from texts where they can be read
     now += gap
     built, cold = Engine(CONFIG), Engine(CONFIG)
+    wall = 0
     items = [UserText.read(t) or UserRecord.model_validate_json(t) for t in texts.values()]
     event(f"users loaded cold: {sum(type(i) is UserText for i in items)}")
     effects_b = list(built.load([UserRecord.model_validate_json(t) for t in texts.values()],
@@ -134,7 +141,11 @@ def test_cold_and_built_users_behave_alike(history: list[Any], connect_all: bool
         if isinstance(s, tuple) and s[0] == "advance":
             now += s[1]
             continue
-        if isinstance(s, tuple) and s[0] == "warm":  # the service's background pass
+        if isinstance(s, tuple) and s[0] == "wall":
+            wall += s[1]
+            built.set_wall_offset(wall)
+            cold.set_wall_offset(wall)
+        elif isinstance(s, tuple) and s[0] == "warm":  # the service's background pass
             effects_c = list(cold.warm_some(s[1]))
             assert effects_c == []
         elif isinstance(s, tuple) and s[0] == "query":  # a query builds the user it asks for

@@ -333,13 +333,14 @@ class _Cold:
     group's one heap entry (``due``: that time) builds them then, a slice per tick, unless an
     event, a query or the service's background pass (:meth:`Engine.warm_some`) needed one
     first. ``removed`` and ``due`` are what a device's heap entry has, so the timer loop
-    treats both alike. One group for all the users of a hold, not an entry each: a million
-    devices' restart spent a second and 75 MB on entries that were all due together.
+    treats both alike. One group per hold and ``load`` call (the service loads 2,000 users a
+    call), not an entry each: a million devices' restart spent a second and 75 MB on entries
+    that were all due together.
     """
 
-    __slots__ = ("due", "forever", "hold", "next", "removed", "seen", "users")
+    __slots__ = ("due", "forever", "hold", "next", "removed", "seen", "users", "wall")
 
-    def __init__(self, seen: int, hold: int) -> None:
+    def __init__(self, seen: int, hold: int, wall: int) -> None:
         #: the devices' last_seen, from which their holds count (the load's ``now``, or the
         #: time the broker link came back)
         self.seen = seen
@@ -347,6 +348,9 @@ class _Cold:
         self.hold = hold
         #: held until the link is back (the hub lost its broker meanwhile)
         self.forever = False
+        #: the wall clock's lead at the load: the stored (wall-clock) times are read as of
+        #: then, as a plain load read them, whatever NTP did to the wall clock since
+        self.wall = wall
         #: the users, in load order; those before ``next`` are built (or gone)
         self.users: list[_User] = []
         self.next = 0
@@ -1562,7 +1566,7 @@ class Engine:
             if old is not None:
                 self._drop_old(old)
             u = _User(rec.id, rec.name)
-            self._fill(u, rec, now, False)
+            self._fill(u, rec, now, False, self._wall)
             if crashed and u.reserved > u.version:
                 u.version = u.reserved
                 u.reserved = u.version + VERSION_RESERVE
@@ -1591,11 +1595,10 @@ class Engine:
         if new and self._all is not None:
             self._all.add(u.id)
 
-    def _fill(self, u: _User, rec: UserRecord, seen: int, forever: bool) -> None:
+    def _fill(self, u: _User, rec: UserRecord, seen: int, forever: bool, wall: int) -> None:
         """Set a loaded user's fields and build its devices from its record: connected ones
         were last seen at ``seen`` and are held one timeout from it (until the link is back
-        when ``forever``)."""
-        wall = self._wall
+        when ``forever``); stored wall-clock times become the engine's as of ``wall``."""
         intern = sys.intern
         new_device = _Device.__new__
         default_timeout = self._timeout
@@ -1715,7 +1718,7 @@ class Engine:
             self.forget_user(u.id)
             self._tombstones[u.id] = max(u.version, u.reserved)
             return None
-        self._fill(u, rec, g.seen, g.forever)
+        self._fill(u, rec, g.seen, g.forever, g.wall)
         self._settle(u, g.seen, g.seen)
         return u
 
@@ -1729,7 +1732,7 @@ class Engine:
 
     def _cold_group(self, seen: int, hold: int) -> _Cold:
         """The group of cold users held from ``seen`` for ``hold``, with its heap entry."""
-        g = _Cold(seen, hold)
+        g = _Cold(seen, hold, self._wall)
         self._cold_groups.append(g)
         self._schedule_cold(g, seen)
         return g
