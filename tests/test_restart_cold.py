@@ -32,7 +32,8 @@ def make(clock: FakeClock, db: Path) -> PresenceService:
 
 
 async def fill(clock: FakeClock, db: Path) -> None:
-    """alice (phone, laptop) and bob (phone) connected, carol's phone gone (not cold)."""
+    """alice (phone, laptop) and bob (phone) connected, carol's phone gone (all three load
+    cold), dave active through the API only (a virtual device: built at load)."""
     async with make(clock, db) as p:
         p.ingest([
             ("presence/devices/alice/phone/conn", BIRTH % b"a1"),
@@ -47,6 +48,7 @@ async def fill(clock: FakeClock, db: Path) -> None:
                   ("presence/devices/bob/phone/heartbeat", b'{"session":"b1"}')])
         await p.tick()
         await p.set_custom_status("bob", "On call")
+        await p.record_activity("dave", {"type": "message", "channel_id": "general"})
 
 
 async def test_connected_users_load_cold_and_answer_at_once(
@@ -61,19 +63,21 @@ async def test_connected_users_load_cold_and_answer_at_once(
     try:
         engine = p.engine
         # start returns once loaded; the background pass has not had a turn yet
-        assert engine.cold_users == 2  # alice and bob; carol (device offline) was built
-        assert "2 to be built from their stored text in the background" in caplog.text
+        assert engine.cold_users == 3  # alice, bob and carol; dave (virtual device) was built
+        assert "3 to be built from their stored text in the background" in caplog.text
         # what is known without building anyone
-        assert [u.user_id for u in await p.get_online_users()] == ["alice", "bob"]
-        assert engine.device_count() == 4
-        assert engine.cold_users == 2
+        assert [u.user_id for u in await p.get_online_users()] == ["alice", "bob", "dave"]
+        assert engine.device_count() == 5
+        assert engine.cold_users == 3
         # a query builds the one user it asks for
         s = await p.get_status("bob")
         assert (s.status, s.custom_status, s.active_device) == ("online", "On call", "phone")
+        assert engine.cold_users == 2
+        assert (await p.get_status("carol")).status == "offline"
         assert engine.cold_users == 1
         # the rest are built in the background, and the log says so
         await async_wait_for(lambda: engine.cold_users == 0, timeout=5, what="background build")
-        await async_wait_for(lambda: "built the 2 users loaded from their stored text"
+        await async_wait_for(lambda: "built the 3 users loaded from their stored text"
                              in caplog.text, timeout=5, what="the log line")
     finally:
         await p.stop()
@@ -91,7 +95,7 @@ async def test_a_heartbeat_after_the_restart_meets_a_built_user_and_the_grace_en
     await p.start()
     try:
         # the first heartbeat of alice's phone, before the background pass built her
-        assert p.engine.cold_users == 2
+        assert p.engine.cold_users == 3
         p.ingest([("presence/devices/alice/phone/heartbeat", b'{"session":"a1"}')])
         assert p.engine.counters["implicit_birth"] == 0  # her session was known, not reborn
         clock.advance(2 * SEC)
@@ -117,7 +121,7 @@ async def test_the_digest_of_a_cold_load_is_the_plain_loads(tmp_path: Path) -> N
     await p.start()
     try:
         cold = (p.engine.loaded_users, p.engine.loaded_digest)
-        assert p.engine.cold_users == 2
+        assert p.engine.cold_users == 3
     finally:
         await p.stop()
     from hub.core.engine import Engine, EngineConfig

@@ -232,8 +232,8 @@ def near_records(draw: st.DrawFn) -> UserRecord:
 
     if fault == "removed":
         return user(removed=True)
-    if fault == "disconnected":
-        return device(connected=False)
+    if fault == "disconnected":  # disconnected, yet not offline
+        return device(connected=False, status=draw(st.sampled_from(["online", "away"])))
     if fault == "virtual":
         return device(virtual=True)
     if fault == "status":
@@ -278,7 +278,7 @@ def fast_conditions(rec: UserRecord, text: bytes) -> bool:
     return (
         not rec.removed
         and len(rec.devices) > 0
-        and all(d.connected and not d.virtual for d in rec.devices)
+        and all(not d.virtual and (d.connected or d.status == "offline") for d in rec.devices)
         and b"\\" not in text  # nothing escaped in any string
         and rec.status == derived_status(rec.devices, rec.manual_status)
         and (rec.active_device is None or rec.active_device in {d.id for d in rec.devices})
@@ -438,7 +438,8 @@ DECLINED: dict[str, Callable[[], bytes]] = {
     "no schema": lambda: edited(_delete(("schema",))),
     "schema 2": lambda: edited(_set(("schema",), 2)),
     "a virtual device": lambda: edited(_set(("devices", 1, "virtual"), True)),
-    "a disconnected device": lambda: edited(_set(("devices", 0, "connected"), False)),
+    "a disconnected device still online": lambda: edited(_set(("devices", 0, "connected"),
+                                                             False)),
     "status away while a device is online": lambda: edited(_set(("status",), "away")),
     "status dnd without a manual status": lambda: edited(_set(("status",), "dnd")),
     "status offline while a device is online": lambda: edited(_set(("status",), "offline")),

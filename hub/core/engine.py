@@ -329,7 +329,8 @@ class _User:
 class _Cold:
     """Users loaded from their stored text (:class:`~hub.core.models.UserText`) whose devices
     are not built yet, all with the same first hold: every device of each is connected and
-    held in its restart grace, so nothing about them can change before ``seen + hold``. The
+    held in its restart grace, or disconnected and offline with no timer at all, so nothing
+    about them can change before ``seen + hold``. The
     group's one heap entry (``due``: that time) builds them then, a slice per tick, unless an
     event, a query or the service's background pass (:meth:`Engine.warm_some`) needed one
     first. ``removed`` and ``due`` are what a device's heap entry has, so the timer loop

@@ -187,16 +187,19 @@ StoredUser = UserRecord | UserDoc
 _STR = rb'"[^"\\]*+"'
 _INT = rb'-?(?:0|[1-9][0-9]{0,17})'
 _UINT = rb'(?:0|[1-9][0-9]{0,17})'
-#: one device as :meth:`UserRecord.to_json` writes it, connected and not virtual
+#: one device as :meth:`UserRecord.to_json` writes it, not virtual: connected (of any status)
+#: or not (and then offline)
 _DEVICE = (
     rb'\{"id":"[^"\\]++","name":' + _STR + rb',"virtual":false,"session":(?:null|' + _STR
-    + rb'),"connected":true,"ended":(?:true|false),"status":"(?:online|away|offline)",'
+    + rb'),"connected":(?:true,"ended":(?:true|false),"status":"(?:online|away|offline)"'
+    rb'|false,"ended":(?:true|false),"status":"offline"),'
     rb'"last_seen":(?:null|' + _INT + rb'),"last_interaction":(?:null|' + _INT
     + rb'),"acked_version":' + _UINT + rb',"timeout_ms":(?:null|[1-9][0-9]{0,11}),'
     rb'"sleep_until":(?:null|' + _INT + rb'),"born_ts":(?:null|' + _INT + rb')\}'
 )
 #: a user document exactly as :meth:`UserRecord.to_json` writes it (fields in the model's
-#: order, compact), with every device connected and real; what a restart needs is captured
+#: order, compact), with every device real, connected or offline; what a restart needs is
+#: captured
 _USER_TEXT = re.compile(
     rb'\{"schema":1,"id":"([^"\\]++)","name":(' + _STR + rb'),'
     rb'"status":"(online|away|dnd|offline)","manual_status":(null|"(?:online|away|dnd|offline)"),'
@@ -217,17 +220,18 @@ class UserText:
     Why: validating a million devices' records into models and building the engine's
     objects from them took most of a restart (measured at 1M devices: 12 s validation and
     10 s engine load on a slow day, for users that mostly just sit in their restart grace
-    until they are heard). A user whose devices are all connected (each held in its grace,
-    so nothing about it can change before one heartbeat timeout has passed) needs only its
-    id, name, status, primary, custom status, version and the shortest of its devices'
-    timeouts; the engine validates the text into a :class:`UserRecord` when the user is
-    first needed, or in the background (see ``Engine.load``).
+    until they are heard). A user whose devices are each either connected (held in its
+    grace, so nothing about it can change before one heartbeat timeout has passed) or
+    disconnected and offline (no timer at all) needs only its id, name, status, primary,
+    custom status, version and the shortest of its devices' timeouts; the engine validates
+    the text into a :class:`UserRecord` when the user is first needed, or in the background
+    (see ``Engine.load``).
 
     :meth:`read` takes only texts whose every field that matters here is read exactly: the
-    layout :meth:`UserRecord.to_json` writes, no escaped strings, every device connected and
-    not virtual, the stored status the one its devices give, the primary one of its devices,
-    and no removal. Anything else (a hand-edited file, an older layout, a user with a device
-    offline) is None, and the caller validates it at once, as before.
+    layout :meth:`UserRecord.to_json` writes, no escaped strings, every device real and
+    connected or offline, the stored status the one its devices give, the primary one of its
+    devices, and no removal. Anything else (a hand-edited file, an older layout, a user with
+    a virtual device) is None, and the caller validates it at once, as before.
     """
 
     __slots__ = ("active_device", "custom_status", "devices", "id", "min_timeout", "name",
@@ -245,7 +249,7 @@ class UserText:
         self.active_device = active_device
         self.version = version
         self.version_reserved = version_reserved
-        #: how many devices the user has (all connected)
+        #: how many devices the user has
         self.devices = devices
         #: the shortest timeout a device announced (None: none announced one) ...
         self.min_timeout = min_timeout

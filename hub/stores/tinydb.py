@@ -16,11 +16,11 @@ its time parsing, validating and writing it back. So:
   (:meth:`TinyDBStore.load_user_batches`): the caller loads a batch into the engine and drops
   its records before the next is made. A file in any other layout (written by an older version,
   or by hand) is parsed whole once, as before, and written in this layout with the next write.
-* At start the hub does not even validate most users: a user whose devices are all connected
-  comes as a :class:`~hub.core.models.UserText` (its text, checked by one regular expression,
-  with the few fields a restart needs read off it), and the engine builds it from the text
-  when it is first needed (see ``Engine.load``). The text is the store's own ``bytes``: the
-  engine holds a reference, no copy.
+* At start the hub does not even validate most users: a user whose devices are each connected,
+  or disconnected and offline, comes as a :class:`~hub.core.models.UserText` (its text,
+  checked by one regular expression, with the few fields a restart needs read off it), and
+  the engine builds it from the text when it is first needed (see ``Engine.load``). The text
+  is the store's own ``bytes``: the engine holds a reference, no copy.
 * ``append_activity`` is called once per user per flush, so it only buffers: the entries go to
   the file with the next batch write, after ``activity_write_delay`` seconds at the latest, or at
   :meth:`TinyDBStore.close`. A service that appends first and saves users last gets one file
