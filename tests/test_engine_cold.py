@@ -76,7 +76,8 @@ def step(engine: Engine, s: Any, now: int, versions: Engine) -> list[Effect] | s
 def visible(engine: Engine, now: int) -> tuple[Any, ...]:
     """What the hub reads of an engine without building any user."""
     return (sorted(engine.published_fields()), engine.device_count(),
-            engine.get_online_users(None, now), sorted(engine.user_ids()))
+            engine.get_online_users(None, now), sorted(engine.user_ids()),
+            [engine.statuses(u) for u in sorted(engine.user_ids())])
 
 
 def everything(engine: Engine, now: int) -> tuple[Any, ...]:

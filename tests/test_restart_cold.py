@@ -18,6 +18,7 @@ import pytest
 from hub import PresenceService, create_presence_service
 from hub.core.clock import FakeClock
 from hub.core.models import UserText
+from hub.web.metrics import StatusCounts
 from tests.support.wait import async_wait_for
 
 SEC = 1000
@@ -69,6 +70,10 @@ async def test_connected_users_load_cold_and_answer_at_once(
         assert [u.user_id for u in await p.get_online_users()] == ["alice", "bob", "dave"]
         assert engine.device_count() == 5
         assert engine.cold_users == 3
+        # /metrics counts by status without building anyone (the engine's statuses())
+        assert [engine.statuses(u) for u in ("alice", "carol")] == [
+            ("online", ["online", "online"]), ("offline", ["offline"])]
+        assert engine.cold_users == 3
         # a query builds the one user it asks for
         s = await p.get_status("bob")
         assert (s.status, s.custom_status, s.active_device) == ("online", "On call", "phone")
@@ -79,6 +84,9 @@ async def test_connected_users_load_cold_and_answer_at_once(
         await async_wait_for(lambda: engine.cold_users == 0, timeout=5, what="background build")
         await async_wait_for(lambda: "built the 3 users loaded from their stored text"
                              in caplog.text, timeout=5, what="the log line")
+        counts = await StatusCounts(engine).get()  # the same, every user built
+        assert {k: v for k, v in counts.users.items() if v} == {"online": 3, "offline": 1}
+        assert {k: v for k, v in counts.devices.items() if v} == {"online": 4, "offline": 1}
     finally:
         await p.stop()
     # nothing changed, nothing written: the users are in the file as they were

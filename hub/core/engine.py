@@ -81,6 +81,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import re
 import sys
 import zlib
 from collections import Counter
@@ -281,6 +282,12 @@ class _Device:
         #: session is stale
         self.born_ts: int | None = None
 
+
+#: a device's status in a stored text that UserText.read took (a user's is followed by
+#: ``"manual_status"``, a device's by ``"last_seen"``)
+_STORED_STATUS: Final = re.compile(rb',"status":"(online|away|offline)","last_seen"')
+_DEVICE_STATUS: Final[dict[bytes, DeviceStatus]] = {
+    b"online": ONLINE, b"away": AWAY, b"offline": OFFLINE}
 
 #: the channels of every user without any (never written: see _User.channels)
 _NO_CHANNELS: Final[dict[str, int]] = {}
@@ -1238,6 +1245,18 @@ class Engine:
         topics hold once published, without building a state payload per user."""
         for u in self._users.values():
             yield u.id, u.status, u.custom_status, u.active_device, u.version
+
+    def statuses(self, user_id: str) -> tuple[Status, list[DeviceStatus]] | None:
+        """The user's status and its devices', for counting (``/metrics``): a user loaded
+        cold is not built for it (its devices' statuses are the stored ones until it is), so
+        the first scrape after a restart does not build a million devices on the loop."""
+        u = self._users.get(user_id)
+        if u is None:
+            return None
+        if u.cold is not None:
+            return u.status, [_DEVICE_STATUS[s] for s in _STORED_STATUS.findall(
+                self._cold[user_id])]
+        return u.status, [d.status for d in u.devices.values()]
 
     def device_count(self) -> int:
         return sum(len(u.devices) for u in self._users.values()) + self._cold_devices

@@ -91,12 +91,13 @@ class StatusCounts:
         for start in range(0, len(ids), COUNT_SLICE):
             began = time.perf_counter()
             for uid in ids[start:start + COUNT_SLICE]:
-                if not engine.has_user(uid):  # removed while we gave the loop back
+                counted = engine.statuses(uid)
+                if counted is None:  # removed while we gave the loop back
                     continue
-                status = engine.get_status(uid).status
+                status, device_statuses = counted
                 users[status] = users.get(status, 0) + 1
-                for device in engine.get_devices(uid):
-                    devices[device.status] = devices.get(device.status, 0) + 1
+                for device_status in device_statuses:
+                    devices[device_status] = devices.get(device_status, 0) + 1
             cost += time.perf_counter() - began
             await asyncio.sleep(0)
         self.latest = Counts(users, devices, time.monotonic(), cost)
