@@ -128,8 +128,9 @@ class Leadership(Protocol):
 HELD_MAX = 100_000
 #: a load of this many users or more is frozen (``gc.freeze``) as it ends: see :meth:`_load`
 FREEZE_AFTER_LOAD = 10_000
-#: users loaded cold that the background pass builds per turn of the loop (about 30-40 us
-#: each on a slow day: a turn of 10 ms at most, see :meth:`PresenceService._warm_cold`)
+#: users loaded cold that the background pass builds per turn of the loop (25-40 us each:
+#: turns of about 10 ms, 12-17 ms the longest measured at 1M on a slow day; see
+#: :meth:`PresenceService._warm_cold`)
 WARM_SLICE = 250
 
 

@@ -1598,7 +1598,7 @@ class Engine:
         self._dirty.difference_update(loaded)  # the store holds exactly what was just read
         self._dirty.update(bumped)  # ... except the versions a crash moved up
         for u in loaded.values():
-            self._settle(u, now, now)
+            self._settle(u, now)
         effects = self._drain()
         self.crashed_at_load = self.crashed_at_load or crashed
         self.changed_at_load.update(e.user_id for e in effects if type(e) is PublishState)
@@ -1664,13 +1664,14 @@ class Engine:
         # the published key of the stored state, so an unchanged user keeps its version
         u.published_key = hash(self._key(u))
 
-    def _settle(self, u: _User, loaded_at: int, now: int) -> None:
-        """A user just built from its record: start its devices' timers as of ``loaded_at``
-        (held ones from their hold) and re-derive it where its devices or record say so."""
+    def _settle(self, u: _User, now: int) -> None:
+        """A user just built from its record: start its devices' timers as of ``now`` (the
+        load's, or when the link came back: held ones from their hold) and re-derive it
+        where its devices or record say so."""
         changed = False
         for d in u.devices.values():
             if d.hold_until is not None:
-                self._schedule(d, loaded_at)  # held: stands until heard or the grace ends
+                self._schedule(d, now)  # held: stands until heard or the grace ends
             else:
                 changed = self._refresh_device(d, now) or changed
         # a user is derived from its devices: if none changed, the record (one consistent
@@ -1739,7 +1740,7 @@ class Engine:
             self._tombstones[u.id] = max(u.version, u.reserved)
             return None
         self._fill(u, rec, g.seen, g.forever, g.wall)
-        self._settle(u, g.seen, g.seen)
+        self._settle(u, g.seen)
         return u
 
     def _drop_cold(self, u: _User) -> bytes:

@@ -483,7 +483,8 @@ class TinyDBStore:
 
         ``texts``: a document whose restart fields :meth:`UserText.read` can read comes as
         that instead, unvalidated (the engine validates it when it builds the user; see
-        ``Engine.load``): a tenth of the time of a validated record at a million devices.
+        ``Engine.load``): about half the time of validating a record (10 against 23 us a user
+        at a million devices on a slow day), and the engine's part a fifth of what it was.
         """
         ids = await self._run(lambda: list(self._docs(USERS_TABLE)))
         for start in range(0, len(ids), size):
