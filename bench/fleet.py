@@ -42,13 +42,15 @@ def user_count(devices: int) -> int:
 
 
 def heartbeat_batch(prefix: str, tag: str, start: int, stop: int) -> wire.PacketBatch:
-    """Heartbeats of devices [start, stop), ~80-byte payloads as a real agent sends them."""
+    """Heartbeats of devices [start, stop), byte for byte in the layout the agent writes
+    (``HeartbeatPayload.to_json``: session, seq, ts; no ``idleMs``, as from a device that
+    cannot sense its user's idle time)."""
     ts = int(time.time() * 1000)
 
     def packets() -> object:
         for i in range(start, stop):
             user, dev = device_of(i)
-            payload = f'{{"session":"{tag}s{i:07d}","seq":{i % 1000},"ts":{ts},"v":1}}'.encode()
+            payload = f'{{"session":"{tag}s{i:07d}","seq":{i % 1000},"ts":{ts}}}'.encode()
             yield wire.publish_packet(f"{prefix}/devices/{user}/{dev}/heartbeat", payload)
 
     return wire.PacketBatch(packets())  # type: ignore[arg-type]

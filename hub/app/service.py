@@ -68,6 +68,7 @@ from hub.protocol import (
     Topics,
     UserStatePayload,
     decode_payload,
+    read_heartbeat,
     request_id,
     validate_id,
 )
@@ -735,38 +736,46 @@ class PresenceService:
         rejected = 0
         now = self._now()
         engine = self.engine
-        where_of = self.topics.parse_device_topic
+        split = self.topics.split_device_topic
         limit = self.config.max_payload_bytes
         limiter = self._limiter
         received = self.received
         for topic, payload in messages:
-            where = where_of(topic)
+            where = split(topic)
             if type(where) is Rejection:
                 rejected += 1
                 self._reject(where, now)
                 continue
-            assert isinstance(where, DeviceTopic)
-            received[where.kind] += 1
-            if where.kind == "req":
-                if not self._request_limiter.allow(where.user, where.device, now):
+            user, device, kind = where  # type: ignore[misc]
+            received[kind] += 1
+            if kind == "req":
+                if not self._request_limiter.allow(user, device, now):
                     rejected += 1
-                    self._reject(Rejection("requests_limited", f"{where.user}/{where.device} "
+                    self._reject(Rejection("requests_limited", f"{user}/{device} "
                                  f"sends more than {self._request_limiter.rate:g} requests/s"),
                                  now)
                     continue
-            elif limiter is not None and not limiter.allow(where.user, where.device, now):
+            elif limiter is not None and not limiter.allow(user, device, now):
                 rejected += 1
-                self._reject(Rejection("rate_limited", f"{where.user}/{where.device} sends "
+                self._reject(Rejection("rate_limited", f"{user}/{device} sends "
                              f"more than {limiter.rate:g} messages/s"), now)
                 continue
-            msg = decode_payload(where, payload, limit)
+            if kind == "heartbeat" and len(payload) <= limit:
+                # most of the traffic, in the agent's own layout: no model, no event object
+                beat = read_heartbeat(payload)
+                if beat is not None:
+                    effects = engine.beat(user, device, beat[0], beat[1], now)
+                    if effects:
+                        self._apply(effects)
+                    continue
+            msg = decode_payload(DeviceTopic(user, device, kind), payload, limit)
             if type(msg) is Rejection:
                 rejected += 1
                 self._reject(msg, now)
-                if where.kind == "req":  # answer what can be answered: no caller left waiting
+                if kind == "req":  # answer what can be answered: no caller left waiting
                     rid = request_id(payload)
                     if rid is not None:
-                        self._request(BadRequest(where.user, where.device, rid, msg.detail))
+                        self._request(BadRequest(user, device, rid, msg.detail))
                 continue
             assert isinstance(msg, DeviceMessage)
             if msg.kind == "req":

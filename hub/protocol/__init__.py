@@ -46,6 +46,7 @@ from hub.protocol.payloads import (
     dumps,
     encode,
     event_json,
+    read_heartbeat,
     text_payload,
 )
 from hub.protocol.topics import (
@@ -105,6 +106,7 @@ __all__ = [
     "is_valid_id",
     "new_session_id",
     "parse_duration_ms",
+    "read_heartbeat",
     "redact_url",
     "request_id",
     "text_payload",

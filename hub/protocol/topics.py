@@ -8,6 +8,7 @@ touching any state.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from hub.protocol.ids import (
     DEFAULT_PREFIX,
     DEVICE_KINDS,
+    ID_PATTERN,
     MAX_PAYLOAD_BYTES,
     DeviceKind,
     is_valid_id,
@@ -80,11 +82,16 @@ class DeviceMessage:
 class Topics:
     """Builds and parses every topic under one prefix (default ``presence``)."""
 
-    __slots__ = ("_device_prefix", "prefix")
+    __slots__ = ("_device_prefix", "_device_re", "prefix")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = validate_prefix(prefix)
         self._device_prefix = f"{prefix}/devices/"
+        # the rules of parse_device_topic in one anchored match (the hot path's split)
+        self._device_re = re.compile(
+            re.escape(self._device_prefix)
+            + f"({ID_PATTERN})/({ID_PATTERN})/({'|'.join(DEVICE_PAYLOADS)})"
+        )
 
     # device -> hub
     def device(self, user: str, device: str, kind: DeviceKind) -> str:
@@ -136,6 +143,20 @@ class Topics:
         return f"{self.prefix}/hub/status"
 
     # parsing
+    def split_device_topic(self, topic: str) -> tuple[str, str, DeviceKind] | Rejection:
+        """``(user, device, kind)`` of ``P/devices/{user}/{device}/{kind}``; anything else is a
+        rejection. The hot path: one match and no object built, where the checks one by one
+        (which say why a topic is refused) cost a fifth of a heartbeat at 1M devices."""
+        m = self._device_re.fullmatch(topic)
+        if m is not None:
+            return m.groups()  # type: ignore[return-value]
+        where = self.parse_device_topic(topic)
+        if type(where) is Rejection:
+            return where
+        # the match and the checks agree on every topic (tested); were they ever not to, the
+        # checks decide, so a valid message is never dropped
+        return where.user, where.device, where.kind  # type: ignore[union-attr]  # pragma: no cover
+
     def parse_device_topic(self, topic: str) -> DeviceTopic | Rejection:
         """Split ``P/devices/{user}/{device}/{kind}``; anything else is a rejection."""
         if not topic.startswith(self._device_prefix):
