@@ -21,7 +21,6 @@ from hub.protocol.topics import DeviceTopic, Rejection
 
 ID_CHARS = "abcXYZ019_.-"
 ids = st.text(alphabet=ID_CHARS, min_size=1, max_size=64)
-big = st.integers(min_value=-(10**20), max_value=10**20)
 
 
 def model_read(payload: bytes) -> tuple[str, int | None] | None:
@@ -210,7 +209,10 @@ async def _run(layout: str) -> list[object]:
         p.on("statusChange", lambda u, old, new: events.append((u, old, new)))
 
         def hb(user: str, device: str, session: str, idle: int | None) -> int:
-            return p.ingest([(f"presence/devices/{user}/{device}/heartbeat", beat(session, idle))])
+            payload = beat(session, idle)
+            # each layout really takes the path it is named after
+            assert (read_heartbeat(payload) is not None) == (layout == "fast")
+            return p.ingest([(f"presence/devices/{user}/{device}/heartbeat", payload)])
 
         async def look() -> None:
             for u in ("u", "v"):
