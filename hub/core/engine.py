@@ -630,6 +630,12 @@ class Engine:
             for d in u.devices.values():
                 if d.connected and not d.virtual:
                     d.hold_until = _FOREVER
+                    # no deadline until the link is back (see _next_deadline): the entry in
+                    # the heap is void, so a device heard before then is scheduled afresh,
+                    # as one built while the link was down is (and as release_timeouts
+                    # schedules the rest). An idle clock moved without a write stays within
+                    # write_idle_after of the store's (see beat), so nothing is owed to it.
+                    d.due = None
 
     def release_timeouts(self, now: int) -> None:
         """The broker is back: every connected device gets one heartbeat timeout from ``now``
