@@ -29,6 +29,40 @@ from hub.protocol import (
 from tests.support.wait import wait_for
 
 
+class IoLock:
+    """A re-entrant lock that the network thread hands over to threads waiting for it.
+
+    Why: the network thread holds the lock for each ``loop()`` call (20 ms) and takes it again
+    a few bytecodes after releasing it; a waiting thread, woken by the release, comes too late
+    nearly every time. A device's heartbeat thread was starved that way for over its timeout
+    once the other clients of a test had gone (fewer threads, so no switch in that window):
+    the hub rightly timed the device out, and the test saw a false offline.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    def __enter__(self) -> IoLock:
+        with self._count:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._count:
+            self._waiting -= 1
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._lock.release()
+
+    def let_waiters_in(self) -> None:
+        """Called by the network thread between two loops, without the lock: wait until every
+        thread waiting for it has had it (a publish holds it for microseconds)."""
+        deadline = time.monotonic() + 0.1
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+
 class MqttClient:
     """A paho client on a network thread of our own, recording what it receives."""
 
@@ -50,7 +84,7 @@ class MqttClient:
         #: paho writes to the socket from whichever thread publishes when it runs no loop
         #: thread of its own: one lock around our loop and every publish keeps packets whole
         #: and in order
-        self._io = threading.RLock()
+        self._io = IoLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: reconnect on our own network thread when the broker drops us
@@ -80,6 +114,7 @@ class MqttClient:
                 continue
             with self._io:
                 self.paho.loop(timeout=0.02)
+            self._io.let_waiters_in()
 
     def _reconnect(self) -> None:
         """Reconnect as an agent would; subclasses refresh their will first."""
