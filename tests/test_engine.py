@@ -281,6 +281,22 @@ def test_timeouts_are_held_while_the_broker_link_is_down(engine: Engine) -> None
     assert timed_out(engine.tick(back + TIMEOUT)) == [("u", "phone")]
 
 
+def test_a_device_heard_while_the_link_is_down_is_scheduled_afresh(engine: Engine) -> None:
+    # its deadline from before the outage is void: the idle clock its heartbeats move is
+    # written at its own next deadline, as for a user built from its text during the outage
+    # (tests/test_engine_cold.py), not when a leftover entry happens to pop
+    engine.handle(Birth("u", "phone", "s1"), T0)
+    engine.take_dirty()
+    engine.hold_timeouts()
+    engine.handle(Heartbeat("u", "phone", "s1", idle_ms=0), T0 + 1_000)  # heard: written
+    assert [r.id for r in engine.take_dirty()] == ["u"]
+    engine.handle(Heartbeat("u", "phone", "s1", idle_ms=0), T0 + 2_000)  # moved, not written
+    assert engine.take_dirty() == []
+    assert engine.tick(T0 + TIMEOUT) == () and engine.take_dirty() == []
+    engine.tick(T0 + 1_000 + AWAY)
+    assert [r.id for r in engine.take_dirty()] == ["u"]
+
+
 @pytest.mark.parametrize("name", [None, "Phone"])
 def test_birth_of_the_known_session_ends_the_hold_named_or_not(engine: Engine,
                                                                name: str | None) -> None:
