@@ -108,8 +108,9 @@ def dirty_texts(engine: Engine) -> list[bytes]:
 # ... and when it is back, their holds count from then, not from the load
 @example(history=[Birth("u1", "a", "s1", None)], connect_all=False, gap=0, crashed=False,
          future=[("hold",), ("advance", 1_000), ("release",), ("advance", 2_000), ("tick",)])
-# a heartbeat of the current session while the link is down (the device is held, so the
-# beat is only heard): a cold user must mark the same record dirty as a built one
+# a device heard while the link is down, then beating on: a built user's heap entry from
+# before the drop wrote its idle clock when it popped, a cold one's at its own deadline (held
+# devices now have no entry, built or cold)
 @example(history=[("advance", 0)], connect_all=True, gap=0, crashed=False,
          future=[("hold",), ("run", "u1", "a", "s2", [("active", 3, 700), ("plain", 3, 700)], 0)])
 def test_cold_and_built_users_behave_alike(history: list[Any], connect_all: bool, gap: int,
