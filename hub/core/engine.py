@@ -633,8 +633,9 @@ class Engine:
                     # no deadline until the link is back (see _next_deadline): the entry in
                     # the heap is void, so a device heard before then is scheduled afresh,
                     # as one built while the link was down is (and as release_timeouts
-                    # schedules the rest). An idle clock moved without a write stays within
-                    # write_idle_after of the store's (see beat), so nothing is owed to it.
+                    # schedules the rest). Nothing is owed to the void entry: an idle clock
+                    # that heartbeats moved without a write moved while the stored one was
+                    # under write_idle_after old (see beat), which a restart tolerates.
                     d.due = None
 
     def release_timeouts(self, now: int) -> None:
